@@ -1,0 +1,5 @@
+"""``python -m outlierkit`` runs the CLI."""
+
+from outlierkit.cli import main
+
+raise SystemExit(main())

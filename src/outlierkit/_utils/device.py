@@ -1,0 +1,45 @@
+"""Device and dtype resolution with the defaults outlierkit documents (fp32 on CPU, bf16 on GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from outlierkit.errors import ConfigError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; an unavailable device is a clear error."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``None``/``"auto"`` -> fp32 on CPU, bf16 on GPU; names like ``bf16``/``float16`` map to torch dtypes."""
+    if name in (None, "", "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; valid: {sorted(set(_DTYPES))}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,95 @@
+"""Atomic writes, staged output directories (nothing half-written) and safe loading."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from outlierkit.errors import DataError, OutputExistsError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where a run writes before it is finished (and where its checkpoints live for ``--resume``)."""
+    p = Path(out)
+    return p.with_name(p.name + ".partial")
+
+
+def check_output(out: str | Path, *, force: bool = False) -> None:
+    """Fail early, before any work, when ``out`` exists and may not be replaced."""
+    p = Path(out)
+    if p.exists() and not force:
+        raise OutputExistsError(f"output directory {p} already exists; pass --force to replace it")
+    if p.exists() and not p.is_dir():
+        raise OutputExistsError(f"output path {p} exists and is not a directory; choose another --out")
+
+
+@contextlib.contextmanager
+def staged_output(
+    out: str | Path, *, force: bool = False, resume: bool = False, keep_on_error: bool = False
+) -> Iterator[Path]:
+    """Yield a staging directory ``OUT.partial``; on success it replaces ``OUT`` in one rename.
+
+    On error the staging directory is removed, unless ``keep_on_error`` (checkpoints to ``--resume``
+    from); either way ``OUT`` itself is never left half-written.
+    """
+    final = Path(out)
+    check_output(final, force=force)
+    stage = partial_dir(final)
+    if stage.exists() and not resume:
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True, exist_ok=True)
+    try:
+        yield stage
+    except BaseException:
+        if not keep_on_error:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(stage, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p} does not exist")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, disallowed globals
+        raise DataError(f"cannot load {p} safely ({type(e).__name__}); the file is corrupt or not a "
+                        "plain tensor checkpoint") from None
