@@ -14,6 +14,9 @@ from outlierkit.errors import OutlierkitError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("outlierkit.llm.commands.demo", "profile the bundled pretrained MiniLM and show its outliers"),
     "profile": ("outlierkit.llm.commands.profile", "measure activation outliers of Hugging Face models"),
+    "quantize": ("outlierkit.llm.commands.quantize", "quantize a model with a recipe (RTN, SmoothQuant, OS+, ...)"),
+    "eval": ("outlierkit.llm.commands.eval", "perplexity / embedding fidelity of a float or quantized model"),
+    "compare": ("outlierkit.llm.commands.compare", "evaluate several recipes on the same data in one table"),
     "graph": ("outlierkit.graph.cli", "graph-level anomaly detection with RQGNN (fit, score, bench)"),
     "hex": ("outlierkit.diffusion.cli", "masked-diffusion sampling and HEX test-time scaling"),
     "report": ("outlierkit.commands_report", "show a report.json or compare the metrics of two reports"),
