@@ -1,0 +1,325 @@
+"""``os_plus``: Outlier Suppression+ channel-wise shifting and scaling (Wei et al., EMNLP 2023)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from outlierkit.errors import ConfigError
+from outlierkit.llm.calibrate import ChannelStats, collect_input_stats
+from outlierkit.llm.formats import Format, FP8Format, IntFormat, fake_quant, parse_format
+from outlierkit.llm.methods.base import (
+    METHODS,
+    Group,
+    LayerRecord,
+    QuantContext,
+    QuantMethod,
+    _heads,
+    can_shift,
+    float_module,
+    fold_,
+    in_weight,
+    resolve_groups,
+    tie_expand,
+    tie_reduce,
+)
+from outlierkit.llm.models import ModelMap, get_attr, has_attr
+
+
+def fake_quant_k(x: torch.Tensor, fmt: Format | None) -> torch.Tensor:
+    """Fake-quantize a stack of K candidates (K, ...): per-tensor ranges are taken per candidate."""
+    if fmt is None:
+        return x
+    if fmt.granularity == "tensor":
+        k = x.shape[0]
+        flat = x.reshape(k, 1, -1)  # (K, 1, N): one "token" row per candidate
+        per_row = IntFormat(fmt.bits, fmt.symmetric, "token") if isinstance(fmt, IntFormat) else \
+            FP8Format(fmt.fp8, "token", fmt.scaled)
+        return fake_quant(flat, per_row).reshape(x.shape)
+    return fake_quant(x, fmt)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+@dataclass
+class Problem:
+    """Everything the OS+ loss of one fold group needs (float tensors on CPU).
+
+    ``xs[b]`` is the shifted input X~ of cached batch b, (B, T, C); ``targets[b]`` the float output of the
+    downstream block on the unshifted input; ``weights`` the consumers' (O, C) weights, ``biases`` their
+    biases with the shift already absorbed (b + W z).
+    """
+
+    xs: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    role: Literal["attn", "swiglu", "linear"]
+    c: torch.Tensor  # (C,) max |X~_j| per consumer channel (tied over GQA groups)
+    wfmt: Format | None
+    afmt: Format | None
+    attn: dict[str, Any] = field(default_factory=dict)
+
+    def block(self, xq: torch.Tensor, ws: list[torch.Tensor], b: int) -> torch.Tensor:
+        """Downstream block output. xq (K, B, T, C), ws[i] (K, O_i, C) -> (K, B, T, O')."""
+        outs = []
+        for w, bias in zip(ws, self.biases):
+            y = torch.matmul(xq, w.transpose(-1, -2).unsqueeze(1))  # (K, B, T, O)
+            outs.append(y if bias is None else y + bias)
+        if self.role == "linear":
+            return torch.cat(outs, dim=-1)
+        if self.role == "swiglu":
+            act = self.attn["act_fn"]
+            if len(outs) == 1:  # fused gate_up (Phi-3)
+                g, u = outs[0].chunk(2, dim=-1)
+            else:
+                g, u = outs
+            return act(g) * u
+        return self._attention(outs, b)
+
+    def _attention(self, qkv: list[torch.Tensor], b: int) -> torch.Tensor:
+        """softmax(q k^T * scaling + mask) v with RoPE, q/k norms and GQA repeat; (K, B, T, H*D)."""
+        a = self.attn
+        h, kv, d = a["heads"], a["kv_heads"], a["head_dim"]
+        k_, bsz, t, _ = qkv[0].shape
+        q = qkv[0].reshape(k_, bsz, t, h, d)
+        k = qkv[1].reshape(k_, bsz, t, kv, d)
+        v = qkv[2].reshape(k_, bsz, t, kv, d)
+        if a.get("q_norm") is not None:
+            q, k = a["q_norm"](q), a["k_norm"](k)
+        q, k, v = (x.permute(0, 1, 3, 2, 4) for x in (q, k, v))  # (K, B, heads, T, D)
+        pe = a["pe"][b] if a.get("pe") else None
+        if pe:
+            cos, sin = (p[:, None, :, :] for p in pe)  # (B, 1, T, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        if kv != h:
+            k = k.repeat_interleave(h // kv, dim=2)
+            v = v.repeat_interleave(h // kv, dim=2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * a["scaling"]  # (K, B, H, T, T)
+        keep = self.masks[b].bool()[:, None, None, :]  # (B, 1, 1, T) keys
+        if a["causal"]:
+            keep = keep & torch.ones(t, t, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        out = torch.matmul(scores.softmax(dim=-1), v)  # (K, B, H, T, D)
+        return out.permute(0, 1, 3, 2, 4).reshape(k_, bsz, t, h * d)
+
+    def losses(self, ts: torch.Tensor) -> torch.Tensor:
+        """Loss of each candidate clip threshold in ``ts`` (K,): mean over tokens of sum_out err^2."""
+        s = torch.clamp(self.c[None, :] / ts[:, None], min=1.0)  # (K, C) = max(1, max|X~_j| / t)
+        ws = [fake_quant_k(w[None] * s[:, None, :], self.wfmt) for w in self.weights]  # (K, O, C)
+        total = torch.zeros(len(ts), dtype=torch.float64)
+        n = 0
+        for b, x in enumerate(self.xs):
+            xq = fake_quant_k(x[None] / s[:, None, None, :], self.afmt)  # (K, B, T, C)
+            err = (self.block(xq, ws, b) - self.targets[b]).pow(2).sum(-1)  # (K, B, T)
+            m = self.masks[b].bool()
+            total += err[:, m].double().sum(-1)
+            n += int(m.sum())
+        return total / max(n, 1)
+
+    def scales(self, t: float) -> torch.Tensor:
+        return torch.clamp(self.c / t, min=1.0)
+
+
+def candidates(c: torch.Tensor, floor: float, max_candidates: int) -> torch.Tensor:
+    """t from T = max c down to ``floor`` in uniform steps of (T - floor) / n, n = max(100, T / 0.5)."""
+    big_t = float(c.max())
+    if big_t <= floor:
+        return torch.tensor([big_t])
+    n = min(max(100, int(big_t / 0.5)), max_candidates)
+    step = (big_t - floor) / n
+    return torch.tensor([big_t - i * step for i in range(n)], dtype=torch.float32)
+
+
+def search_vectorized(p: Problem, ts: torch.Tensor, chunk: int, how: str = "grid", stride: int = 8) -> tuple[int, torch.Tensor]:
+    """Index of the best candidate; ``grid`` evaluates all (``chunk`` at a time), ``coarse`` every
+    ``stride``-th then the full grid around the coarse best (the loss is smooth in t)."""
+    def run(idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.losses(ts[idx[i:i + chunk]]) for i in range(0, len(idx), chunk)])
+
+    if how == "coarse" and len(ts) > 4 * stride:
+        coarse = torch.arange(0, len(ts), stride)
+        lc = run(coarse)
+        best = int(coarse[int(lc.argmin())])
+        fine = torch.arange(max(0, best - stride + 1), min(len(ts), best + stride))
+        lf = run(fine)
+        return int(fine[int(lf.argmin())]), lf
+    losses = run(torch.arange(len(ts)))
+    return int(losses.argmin()), losses
+
+
+def search_loop(p: Problem, ts: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The straightforward reference: one candidate at a time (for tests and the speed benchmark)."""
+    losses = torch.stack([p.losses(ts[i:i + 1])[0] for i in range(len(ts))])
+    return int(losses.argmin()), losses
+
+
+@METHODS.register("os_plus")
+@dataclass
+class OSPlus(QuantMethod):
+    """Outlier Suppression+ (Wei et al., "Outlier Suppression+: Accurate quantization of large language
+    models by equivalent and effective shifting and scaling", EMNLP 2023).
+
+    For each fold group with input X (tokens x C) and consumer weights W::
+
+        z_j = (max_t X_tj + min_t X_tj) / 2                   (only where biases absorb it)
+        s_j(t) = max(1, max_t |X_tj - z_j| / t),   t* = argmin_t E|| f(Q(X~/s), Q(W s)) - f(X, W) ||^2
+        producer: y -> (y - z) / s;   consumers: b -> b + W z,  W[:, j] -> W[:, j] s_j
+
+    where f is the downstream block: attention output for q/k/v, act(gate)*up for gate/up, the linear
+    output otherwise. t runs from T = max_j max|X~_j| down to ``floor`` in n = max(100, T / 0.5) steps.
+
+    Args:
+        folds: fold kinds to transform (default all: ``norm``, ``attn_v``, ``linear`` (up -> down)).
+        shift: apply the channel shift where a bias can absorb it (default True; never for RMSNorm or
+            up -> down, where no bias exists or the shift would not be exact).
+        floor: lowest clip threshold (default 1.0 as in the OPT code and llmc; the LLaMA code uses 0.1).
+        max_candidates: cap on n (default 400) for models with 1e5 peaks.
+        batches: calibration batches the search runs on (default None = all).
+        max_tokens: cap on tokens used by the search (default 4096; whole batches are kept).
+        search: ``grid`` (every candidate, vectorized; default) or ``coarse`` (every 8th, then refine).
+        chunk: candidates evaluated at once (default 0 = chosen from a memory budget).
+        weight / act: formats assumed in the loss (default: the recipe's).
+
+    Shapes:
+        cached X: (B, T, C) per batch; candidate stacks (K, B, T, C) and (K, O, C).
+    """
+
+    folds: tuple[str, ...] = ("norm", "attn_v", "linear")
+    shift: bool = True
+    floor: float = 1.0
+    max_candidates: int = 400
+    batches: int | None = None
+    max_tokens: int = 4096
+    search: Literal["grid", "coarse"] = "grid"
+    chunk: int = 0
+    weight: str | None = None
+    act: str | None = None
+    transform: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        bad = set(self.folds) - {"norm", "attn_v", "linear"}
+        if bad:
+            raise ConfigError(f"os_plus.folds: unknown kind(s) {sorted(bad)}; valid: norm, attn_v, linear")
+        if self.floor <= 0:
+            raise ConfigError(f"os_plus.floor must be positive, got {self.floor}")
+        if self.max_candidates < 1:
+            raise ConfigError("os_plus.max_candidates must be at least 1")
+        if self.search not in ("grid", "coarse"):
+            raise ConfigError(f"os_plus.search must be grid or coarse, got {self.search!r}")
+
+    def apply(self, model: nn.Module, ctx: QuantContext) -> list[LayerRecord]:
+        mm = ctx.model_map(model)
+        groups = resolve_groups(model, mm, tuple(self.folds))
+        if not groups:
+            note = (f"os_plus: family {mm.spec.name!r} has no {'/'.join(self.folds)} fold group in the "
+                    "architecture table; nothing was transformed")
+            ctx.notes.append(note)
+            return [LayerRecord(mm.spec.name, "os_plus", {"applied": False, "note": note})]
+        wfmt = parse_format(self.weight, "os_plus.weight") if self.weight else ctx.weight
+        afmt = parse_format(self.act, "os_plus.act") if self.act else ctx.act
+        n_batches = self._n_batches(ctx)
+        # Norm groups first, then v -> o and up -> down (their producers are consumers of norm groups).
+        groups.sort(key=lambda g: (g.layer, g.spec.kind != "norm"))
+        records = []
+        sites = sorted({g.linears[0] for g in groups})
+        attn_sites = {g.linears[0]: mm.fqn(g.layer, mm.spec.attn) for g in groups
+                      if g.spec.role == "qkv" and has_attr(model, mm.fqn(g.layer, mm.spec.attn))}
+        stats = collect_input_stats(model, sites, ctx.batches, cache=set(sites), cache_batches=n_batches,
+                                    context_sites=attn_sites)
+        for g in groups:
+            records.append(self._fold_group(model, mm, g, stats[g.linears[0]], wfmt, afmt))
+        return records
+
+    def _n_batches(self, ctx: QuantContext) -> int:
+        n = len(ctx.batches) if self.batches is None else min(self.batches, len(ctx.batches))
+        tokens, keep = 0, 0
+        for b in ctx.batches[:n]:
+            if keep and tokens + int(b.attention_mask.sum()) > self.max_tokens:
+                break
+            tokens += int(b.attention_mask.sum())
+            keep += 1
+        return max(keep, 1)
+
+    @torch.no_grad()
+    def problem(self, model: nn.Module, mm: ModelMap, g: Group, st: ChannelStats, wfmt: Format | None,
+                afmt: Format | None) -> tuple[Problem, torch.Tensor | None]:
+        """Build the loss problem of group ``g`` (before folding); returns it and the shift z (R,)."""
+        shift = self.shift and g.spec.kind in ("norm", "attn_v") and can_shift(model, g)
+        z = None
+        if shift:
+            hi = tie_reduce(st.max.double(), g, "amax")
+            lo = tie_reduce(st.min.double(), g, "amin")
+            z = ((hi + lo) / 2).float()  # (R,)
+        z_cols = tie_expand(z, g) if z is not None else torch.zeros_like(st.max)
+        c_cols = torch.maximum((st.max - z_cols).abs(), (st.min - z_cols).abs())
+        c = tie_expand(tie_reduce(c_cols.double(), g, "amax"), g).float()  # (C,)
+        mods = [float_module(model, n) for n in g.linears]
+        weights = [in_weight(m).detach().float().cpu().reshape(-1, in_weight(m).shape[-1]) for m in mods]
+        biases: list[torch.Tensor | None] = []
+        for m, w in zip(mods, weights):
+            b = getattr(m, "bias", None)
+            b = b.detach().float().cpu() if isinstance(b, torch.Tensor) else None
+            biases.append(b)
+        role: Literal["attn", "swiglu", "linear"] = "linear"
+        attn: dict[str, Any] = {}
+        names = [n.rsplit(".", 1)[-1] for n in g.linears]
+        if g.spec.role == "qkv" and len(mods) == 3 and has_attr(model, mm.fqn(g.layer, mm.spec.attn)):
+            am = get_attr(model, mm.fqn(g.layer, mm.spec.attn))
+            h, kv, d = _heads(model)
+            if weights[0].shape[0] == h * d and weights[1].shape[0] == kv * d:
+                role = "attn"
+                qn, kn = getattr(am, "q_norm", None), getattr(am, "k_norm", None)
+                per_head = qn is not None and qn.weight.numel() == d
+                attn = dict(heads=h, kv_heads=kv, head_dim=d, causal=mm.spec.causal,
+                            scaling=float(getattr(am, "scaling", d**-0.5)),
+                            q_norm=qn if per_head else None, k_norm=kn if per_head else None,
+                            pe=[c_.get("position_embeddings") for c_ in st.context])
+        elif g.spec.role == "mlp_in" and (len(mods) == 2 or "gate_up_proj" in names):
+            mlp = get_attr(model, mm.fqn(g.layer, "mlp"))
+            act_fn = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+            if act_fn is not None and (len(mods) == 1 or names[0].startswith("gate")):
+                role, attn = "swiglu", {"act_fn": act_fn}
+        xs, targets = [], []
+        p0 = Problem([], st.masks, [], weights, biases, role, c, wfmt, afmt, attn)
+        for b, x in enumerate(st.cached):
+            targets.append(p0.block(x[None], [w[None] for w in weights], b)[0])  # (B, T, O')
+            xs.append(x - z_cols)
+        if z is not None:  # the consumers' biases absorb W z
+            biases = [bb + w @ z_cols if bb is not None else None for bb, w in zip(biases, weights)]
+        return Problem(xs, st.masks, targets, weights, biases, role, c, wfmt, afmt, attn), z
+
+    def _chunk(self, p: Problem) -> int:
+        if self.chunk:
+            return self.chunk
+        bt = max(x.shape[0] * x.shape[1] for x in p.xs)
+        width = max(p.xs[0].shape[-1], sum(w.shape[0] for w in p.weights))
+        if p.role == "attn":
+            width = max(width, p.attn["heads"] * max(x.shape[1] for x in p.xs))
+        return max(1, min(64, (1 << 24) // max(1, bt * width)))
+
+    @torch.no_grad()
+    def _fold_group(self, model: nn.Module, mm: ModelMap, g: Group, st: ChannelStats, wfmt: Format | None,
+                    afmt: Format | None) -> LayerRecord:
+        p, z = self.problem(model, mm, g, st, wfmt, afmt)
+        ts = candidates(p.c, self.floor, self.max_candidates)
+        best, losses = search_vectorized(p, ts, self._chunk(p), self.search)
+        t = float(ts[best])
+        s_rows = tie_reduce(p.scales(t).double(), g, "amax")
+        fold_(model, g, s_rows, z)
+        return LayerRecord(g.name, "os_plus", {
+            "loss": p.role, "shift": z is not None, "candidates": len(ts), "t": t, "T": float(ts[0]),
+            "s_max": float(s_rows.max()), "channels_scaled": int((s_rows > 1).sum()),
+            "absmax_before": float(torch.maximum(st.max.abs(), st.min.abs()).max()),
+            "absmax_after": float((p.c / p.scales(t)).max()),
+            "best_loss": float(losses.min()) if math.isfinite(float(losses.min())) else None})

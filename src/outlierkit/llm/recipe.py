@@ -1,0 +1,321 @@
+"""Recipes (ordered method steps + per-layer overrides, YAML or Python) and ``quantize_(model, recipe, calib)``."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from outlierkit.config import from_dict, load_mapping, to_dict
+from outlierkit.errors import ConfigError, DataError
+from outlierkit.llm.corpus import Batch, TokenCorpus
+from outlierkit.llm.formats import Format, format_to_dict, parse_format
+from outlierkit.llm.layers import quant_layers, set_recording_, unwrap_, unwrapped_fqn
+from outlierkit.llm.methods import METHODS, LayerRecord, QuantContext, QuantMethod
+from outlierkit.llm.methods.base import Override
+from outlierkit.report import Report
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data of a recipe.
+
+    Args:
+        samples: calibration samples (default 32). seq_len: tokens per sample (default 128).
+        batch_size: default 8. seed: sample order (default 0).
+        min_tokens: fewer non-pad calibration tokens than this is an error (default 256).
+    """
+
+    samples: int = 32
+    seq_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+    min_tokens: int = 256
+
+
+@dataclass
+class Step:
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, where: str) -> QuantMethod:
+        cls = METHODS.get(self.method)
+        return from_dict(cls, self.params, where=where)  # type: ignore[arg-type, no-any-return]
+
+
+@dataclass
+class Recipe:
+    """An ordered list of method steps, default formats and per-layer overrides.
+
+    Args:
+        name: shown in reports and tables.
+        weight: default weight format (default ``int8-channel``); ``None`` keeps weights float.
+        act: default input-activation format (default ``int8-token``).
+        qkv_out: optional format of q/k/v outputs (the attention matmul inputs; default None).
+        steps: ordered steps, e.g. ``[Step("smoothquant", {"alpha": 0.5}), Step("rtn")]``; equivalence
+            transforms must come before ``rtn``.
+        overrides: per-layer: FQN or ``re:`` regex -> ``skip`` or ``{weight: ..., act: ...}``.
+        calib: calibration data (:class:`CalibConfig`).
+
+    YAML::
+
+        name: w8a8-smoothquant
+        weight: int8-channel
+        act: int8-tensor
+        steps:
+          - smoothquant: {alpha: 0.5}
+          - rtn: {}
+        overrides:
+          "re:.*\\.0\\.mlp\\.down_proj": skip
+          "re:.*o_proj": {act: fp8}
+    """
+
+    name: str = "recipe"
+    weight: Format | None = field(default_factory=lambda: parse_format("int8-channel"))
+    act: Format | None = field(default_factory=lambda: parse_format("int8-token"))
+    qkv_out: Format | None = None
+    steps: list[Step] = field(default_factory=lambda: [Step("rtn")])
+    overrides: list[Override] = field(default_factory=list)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self) -> None:
+        names = [s.method for s in self.steps]
+        for i, s in enumerate(self.steps):
+            cls = METHODS.get(s.method)
+            if cls.transform and "rtn" in names[:i]:
+                raise ConfigError(f"recipe step {i} ({s.method}) is a transform and must come before rtn")
+        self.methods()  # validate parameters now, not halfway through a run
+
+    def methods(self) -> list[QuantMethod]:
+        return [s.build(f"recipe.steps[{i}].{s.method}") for i, s in enumerate(self.steps)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
+        valid = {"name", "weight", "act", "qkv_out", "steps", "overrides", "calib"}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
+        kw: dict[str, Any] = {}
+        if "name" in data:
+            kw["name"] = str(data["name"])
+        for key in ("weight", "act", "qkv_out"):
+            if key in data:
+                kw[key] = parse_format(data[key], f"{where}.{key}")
+        steps = []
+        for i, raw in enumerate(data.get("steps") or []):
+            if isinstance(raw, str):
+                raw = {raw: {}}
+            if not isinstance(raw, dict) or len(raw) != 1:
+                raise ConfigError(f"{where}.steps[{i}] must be a method name or {{name: {{params}}}}, got {raw!r}")
+            (name, params), = raw.items()
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"{where}.steps[{i}].{name} parameters must be a mapping")
+            METHODS.get(str(name))
+            steps.append(Step(str(name), dict(params)))
+        if "steps" in data:
+            if not steps:
+                raise ConfigError(f"{where}.steps is empty; add at least `- rtn: {{}}`")
+            kw["steps"] = steps
+        ovs = []
+        for pattern, spec in (data.get("overrides") or {}).items():
+            ovs.append(_override(str(pattern), spec, f"{where}.overrides[{pattern!r}]"))
+        kw["overrides"] = ovs
+        if "calib" in data:
+            kw["calib"] = from_dict(CalibConfig, data["calib"] or {}, where=f"{where}.calib")
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        data = load_mapping(path)
+        r = cls.from_dict(data, where=str(path))
+        if "name" not in data:
+            r.name = Path(path).stem
+        return r
+
+    def to_dict(self) -> dict[str, Any]:
+        ovs: dict[str, Any] = {}
+        for o in self.overrides:
+            if o.skip:
+                ovs[o.pattern] = "skip"
+            else:
+                d: dict[str, Any] = {}
+                if o.set_weight:
+                    d["weight"] = format_to_dict(o.weight)
+                if o.set_act:
+                    d["act"] = format_to_dict(o.act)
+                ovs[o.pattern] = d
+        return {"name": self.name, "weight": format_to_dict(self.weight), "act": format_to_dict(self.act),
+                "qkv_out": format_to_dict(self.qkv_out),
+                "steps": [{s.method: dict(s.params)} for s in self.steps], "overrides": ovs,
+                "calib": to_dict(self.calib)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _override(pattern: str, spec: Any, where: str) -> Override:
+    if pattern.startswith("re:"):
+        import re
+
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ConfigError(f"{where}: bad regex ({e})") from None
+    if spec in ("skip", None, False):
+        return Override(pattern, skip=True)
+    if isinstance(spec, str):  # a format for both weight and activation? only for fp8 / none
+        fmt = parse_format(spec, where)
+        return Override(pattern, weight=fmt, act=fmt, set_weight=True, set_act=True)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be 'skip', a format string or {{weight: ..., act: ...}}")
+    unknown = sorted(set(spec) - {"weight", "act", "skip"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: ['act', 'skip', 'weight']")
+    if spec.get("skip"):
+        return Override(pattern, skip=True)
+    return Override(pattern, weight=parse_format(spec.get("weight"), f"{where}.weight"),
+                    act=parse_format(spec.get("act"), f"{where}.act"),
+                    set_weight="weight" in spec, set_act="act" in spec)
+
+
+def load_recipe(spec: str | Path | dict[str, Any] | Recipe) -> Recipe:
+    """A recipe from a YAML/JSON path, a mapping, or a bundled name (``recipes/<name>.yaml``)."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return Recipe.from_dict(spec)
+    p = Path(spec)
+    if p.is_file():
+        return Recipe.load(p)
+    if str(spec) in PRESETS:
+        r = Recipe.from_dict(PRESETS[str(spec)])
+        r.name = str(spec)
+        return r
+    raise ConfigError(f"recipe {str(spec)!r} is neither a file nor a preset; presets: {sorted(PRESETS)}")
+
+
+# Built-in presets (the same as the files in recipes/).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fp32": {"weight": None, "act": None, "steps": [{"rtn": {}}]},
+    "w8a8-rtn": {"weight": "int8-channel", "act": "int8-tensor", "steps": [{"rtn": {}}]},
+    "w8a8-smoothquant": {"weight": "int8-channel", "act": "int8-tensor",
+                         "steps": [{"smoothquant": {"folds": ["norm", "attn_v"]}}, {"rtn": {}}]},
+    "w8a8-osplus": {"weight": "int8-channel", "act": "int8-tensor", "steps": [{"os_plus": {}}, {"rtn": {}}]},
+}
+
+
+# ---------------------------------------------------------------------------------------------- quantize_
+
+def calib_batches(calib: TokenCorpus | list[Batch], recipe: Recipe) -> list[Batch]:
+    batches = calib.batches(recipe.calib.batch_size) if isinstance(calib, TokenCorpus) else list(calib)
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    if tokens < recipe.calib.min_tokens:
+        raise DataError(f"calibration data has {tokens} tokens, fewer than calib.min_tokens="
+                        f"{recipe.calib.min_tokens}; pass more text or lower calib.min_tokens")
+    return batches
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
+    """Main output (logits or last hidden state) per batch, on CPU."""
+    from outlierkit._utils.hooks import first_tensor
+
+    device = next(model.parameters()).device
+    outs = []
+    for b in batches:
+        y = first_tensor(model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)))
+        assert y is not None
+        outs.append(y.float().cpu())
+    return outs
+
+
+def output_sqnr(ref: list[torch.Tensor], test: list[torch.Tensor], batches: list[Batch]) -> float:
+    """Model-output SQNR in dB over the non-pad tokens."""
+    import math
+
+    sig = noise = 0.0
+    for r, t, b in zip(ref, test, batches):
+        m = b.attention_mask.bool()
+        sig += r[m].double().pow(2).sum().item()
+        noise += (r[m].double() - t[m].double()).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(sig / noise)
+
+
+@torch.no_grad()
+def layer_sqnr(model: nn.Module, batches: list[Batch]) -> dict[str, dict[str, float]]:
+    """Per wrapped layer: SQNR of its output against the float output of the same input, input absmax."""
+    set_recording_(model, True)
+    try:
+        model_outputs(model, batches)
+        return {unwrapped_fqn(n): {"sqnr_db": q.sqnr_db(), "in_absmax": q.in_absmax}
+                for n, q in quant_layers(model) if not q.is_float}
+    finally:
+        set_recording_(model, False)
+
+
+def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: TokenCorpus | list[Batch], *,
+              eval_batches: list[Batch] | None = None, baseline: bool = True) -> Report:
+    """Apply ``recipe`` to ``model`` in place (transforms, then fake-quantized wrappers); return a Report.
+
+    Args:
+        calib: calibration corpus or batches.
+        eval_batches: batches for the SQNR measurements (default: the calibration batches).
+        baseline: also measure plain RTN with the same formats before the transforms ("before").
+    """
+    recipe = load_recipe(recipe)
+    methods = recipe.methods()
+    batches = calib_batches(calib, recipe)
+    ev = eval_batches or batches
+    ctx = QuantContext(batches, recipe.weight, recipe.act, recipe.qkv_out, list(recipe.overrides))
+    ctx.model_map(model)
+    report = Report(kind="llm.quantize", config={"recipe": recipe.to_dict()})
+    float_out = model_outputs(model, ev)
+    before: dict[str, dict[str, float]] = {}
+    if baseline and any(m.transform for m in methods):
+        from outlierkit.llm.methods.rtn import RTN
+
+        RTN().apply(model, ctx)
+        before = layer_sqnr(model, ev)
+        report.metrics["output_sqnr_db_rtn"] = output_sqnr(float_out, model_outputs(model, ev), ev)
+        unwrap_(model)
+    records: list[LayerRecord] = []
+    timings: dict[str, float] = {}
+    for step, method in zip(recipe.steps, methods):
+        t0 = time.perf_counter()
+        records += method.apply(model, ctx)
+        timings[f"time_{step.method}_s"] = time.perf_counter() - t0
+    after = layer_sqnr(model, ev)
+    quant_out = model_outputs(model, ev)
+    report.metrics["output_sqnr_db"] = output_sqnr(float_out, quant_out, ev)
+    report.metrics.update(timings)
+    report.metrics["calib_tokens"] = sum(int(b.attention_mask.sum()) for b in batches)
+    report.metrics["layers_quantized"] = len(after)
+    finite = [v["sqnr_db"] for v in after.values() if v["sqnr_db"] != float("inf")]
+    if finite:
+        report.metrics["layer_sqnr_db_min"] = min(finite)
+        report.metrics["layer_sqnr_db_mean"] = sum(finite) / len(finite)
+    rows = []
+    for name, a in after.items():
+        row: dict[str, Any] = {"layer": name, "sqnr_db": a["sqnr_db"], "in_absmax": a["in_absmax"]}
+        if name in before:
+            row["sqnr_db_rtn"] = before[name]["sqnr_db"]
+            row["in_absmax_rtn"] = before[name]["in_absmax"]
+        rows.append(row)
+    report.add_table("layer_sqnr", rows)
+    report.add_table("transforms", [r.row() for r in records if r.method != "rtn"])
+    report.add_table("formats", [r.row() for r in records if r.method == "rtn"])
+    for note in ctx.notes:
+        report.warn(note)
+    return report
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
