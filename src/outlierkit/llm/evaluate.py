@@ -110,3 +110,95 @@ def evaluate_model(model: nn.Module, tokenizer: Any, data: EvalData) -> dict[str
         data.reference = emb
     assert isinstance(data.reference, torch.Tensor)
     return fidelity(data.reference, emb)
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+DEMO_RECIPES: tuple[str, ...] = ("fp32", "w8a8-rtn", "w8a8-smoothquant", "w8a8-osplus")
+
+
+def split_documents(documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
+    """Calibration / held-out split: even-indexed documents calibrate, odd-indexed ones evaluate."""
+    docs = list(documents)
+    if len(docs) < 2:
+        from outlierkit.errors import DataError
+
+        raise DataError("need at least two documents (one to calibrate, one held out); pass more text")
+    return docs[0::2], docs[1::2]
+
+
+def compare_recipes(
+    source: str = "minilm",
+    recipes: Sequence[Any] = DEMO_RECIPES,
+    *,
+    data: Sequence[str] | None = None,
+    calib_samples: int = 32,
+    eval_samples: int = 64,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_windows: int | None = 32,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+) -> list[dict[str, Any]]:
+    """Quantize fresh copies of one model with each recipe and evaluate all on the same held-out data.
+
+    Args:
+        source: model directory / cached hub name / ``"minilm"`` (default; the bundled MiniLM).
+        recipes: recipe files, preset names (default: fp32, w8a8-rtn, w8a8-smoothquant, w8a8-osplus),
+            mappings or :class:`~outlierkit.llm.recipe.Recipe` objects.
+        data: text files/dirs (default: the built-in corpus), split into calibration / held-out halves.
+        model / tokenizer: an already loaded float model (copied per recipe) instead of ``source``.
+
+    Returns one row per recipe: ``recipe``, formats, quality metrics (encoders: ``cos_mean``,
+    ``top1_agree``, ``emb_sqnr_db``; causal LMs: ``ppl``, ``top1_agree``, ``logit_sqnr_db``),
+    ``output_sqnr_db`` on calibration data, ``layer_sqnr_db_min``, ``max_in_absmax`` (largest input
+    magnitude any quantized layer sees: what the transforms tame) and ``quantize_s``.
+    """
+    import copy
+    import time
+
+    from outlierkit._utils.seed import seed_everything
+    from outlierkit.llm.corpus import build_corpus, load_documents
+    from outlierkit.llm.models import resolve
+    from outlierkit.llm.recipe import load_recipe, quantize_
+
+    seed_everything(seed)
+    if model is None:
+        from outlierkit.llm.models import load_model
+
+        lm = load_model(source)
+        model, tokenizer = lm.model, lm.tokenizer
+    mm = resolve(model, warn=False)
+    calib_docs, held_docs = split_documents(load_documents(data))
+    max_len = getattr(model.config, "max_position_embeddings", None)  # type: ignore[union-attr]
+    calib = build_corpus(tokenizer, calib_docs, samples=calib_samples, seq_len=seq_len, seed=seed,
+                         max_length=max_len)
+    held = build_corpus(tokenizer, held_docs, samples=eval_samples, seq_len=seq_len, seed=seed + 1,
+                        max_length=max_len)
+    ev = EvalData(held.batches(batch_size), held_docs, causal=mm.spec.causal, window=seq_len,
+                  max_windows=max_windows)
+    evaluate_model(model, tokenizer, ev)  # fills the float reference
+    rows = []
+    for spec in recipes:
+        recipe = load_recipe(spec)
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        rep = quantize_(m, recipe, calib, baseline=False)
+        dt = time.perf_counter() - t0
+        metrics = evaluate_model(m, tokenizer, ev)
+        absmax = [r["in_absmax"] for r in rep.tables.get("layer_sqnr", []) if r.get("in_absmax") is not None]
+        row: dict[str, Any] = {
+            "recipe": recipe.name,
+            "steps": "+".join(s.method for s in recipe.steps),
+            "weight": recipe.weight.label() if recipe.weight else "float",
+            "act": recipe.act.label() if recipe.act else "float",
+            **{k: v for k, v in metrics.items() if k not in ("nll", "eval_tokens")},
+            "output_sqnr_db": rep.metrics.get("output_sqnr_db"),
+            "layer_sqnr_db_min": rep.metrics.get("layer_sqnr_db_min"),
+            "max_in_absmax": max(absmax) if absmax else None,
+            "quantize_s": dt,
+        }
+        rows.append(row)
+        del m
+    return rows

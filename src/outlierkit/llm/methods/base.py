@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from outlierkit.errors import ConfigError
+from outlierkit.errors import ConfigError, UnsupportedArchitectureError
 from outlierkit.llm.corpus import Batch
 from outlierkit.llm.formats import Format
 from outlierkit.llm.layers import QuantLinear
@@ -146,8 +146,17 @@ class Group:
         return f"{self.prev} -> {', '.join(n.rsplit('.', 1)[-1] for n in self.linears)}"
 
 
-def resolve_groups(model: nn.Module, mm: ModelMap, kinds: tuple[str, ...]) -> list[Group]:
-    """The model's fold groups of the given kinds, with GQA ties and fused-qkv row slices worked out."""
+def resolve_groups(model: nn.Module, mm: ModelMap, kinds: tuple[str, ...], method: str = "") -> list[Group]:
+    """The model's fold groups of the given kinds, with GQA ties and fused-qkv row slices worked out.
+
+    A model found by generic discovery (no table entry) has no fold groups at all: that is an error
+    naming the missing mapping, not a silent no-op.
+    """
+    if mm.generic:
+        raise UnsupportedArchitectureError(
+            f"{method or 'this transform'} needs the fold groups of model_type {mm.model_type!r} "
+            "(ArchSpec.folds: norm -> linears, up -> down, v -> o), which the architecture table does not "
+            "have; add an ArchSpec entry to outlierkit/llm/models.py (see docs/architectures.md)")
     out = []
     for i, g in mm.fold_groups(model):
         if g.kind not in kinds:

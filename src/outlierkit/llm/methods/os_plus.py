@@ -220,7 +220,7 @@ class OSPlus(QuantMethod):
 
     def apply(self, model: nn.Module, ctx: QuantContext) -> list[LayerRecord]:
         mm = ctx.model_map(model)
-        groups = resolve_groups(model, mm, tuple(self.folds))
+        groups = resolve_groups(model, mm, tuple(self.folds), "os_plus")
         if not groups:
             note = (f"os_plus: family {mm.spec.name!r} has no {'/'.join(self.folds)} fold group in the "
                     "architecture table; nothing was transformed")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from outlierkit.errors import ConfigError
 from outlierkit.llm.layers import QuantLinear, wrap_
 from outlierkit.llm.methods.base import METHODS, LayerRecord, QuantContext, QuantMethod
 
@@ -42,6 +43,10 @@ class RTN(QuantMethod):
             ql = wrap_(model, fqn, weight=weight, act=act, out=out)
             if ql.kind == "experts" and not self.include_experts:
                 ql.weight_format = ql.act_format = None
+            try:
+                ql.quantized_weights()  # surface format errors (group size vs dimension) now
+            except ConfigError as e:
+                raise ConfigError(f"{fqn}: {e}") from None
             wrapped.append(ql)
             records.append(LayerRecord(fqn, "rtn", {
                 "weight": weight.label() if weight else "float", "act": act.label() if act else "float",

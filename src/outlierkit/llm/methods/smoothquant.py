@@ -60,7 +60,7 @@ class SmoothQuant(QuantMethod):
     def apply(self, model: nn.Module, ctx: QuantContext) -> list[LayerRecord]:
         mm = ctx.model_map(model)
         alpha = self.alpha if self.alpha is not None else ALPHA_PRESETS.get(mm.spec.name, 0.5)
-        groups = resolve_groups(model, mm, tuple(self.folds))
+        groups = resolve_groups(model, mm, tuple(self.folds), "smoothquant")
         if not groups:
             note = (f"smoothquant: family {mm.spec.name!r} has no {'/'.join(self.folds)} fold group in the "
                     "architecture table; nothing was smoothed")

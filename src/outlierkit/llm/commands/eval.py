@@ -1,0 +1,79 @@
+"""``outlierkit eval MODEL [--quantized DIR]``: perplexity (causal LMs) or embedding fidelity (encoders)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the float model: directory, cached hub name or 'minilm'")
+    parser.add_argument("--quantized", default=None, help="a directory written by `outlierkit quantize`")
+    parser.add_argument("--data", nargs="+", default=None, help="held-out text (default: built-in corpus)")
+    parser.add_argument("--samples", type=int, default=64, help="evaluation samples (default: 64)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample / perplexity window (128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default: 8)")
+    parser.add_argument("--max-windows", type=int, default=32, help="perplexity windows, 0 = all (default: 32)")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed (default: 1)")
+    parser.add_argument("--out", default=None, help="write report.json/report.md here (optional)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from outlierkit._utils.io import check_output, staged_output
+    from outlierkit.errors import ConfigError
+    from outlierkit.llm.corpus import build_corpus, load_documents
+    from outlierkit.llm.evaluate import EvalData, evaluate_model
+    from outlierkit.llm.export import load_quantized
+    from outlierkit.llm.models import load_model
+    from outlierkit.llm.recipe import layer_sqnr
+    from outlierkit.report import Report
+
+    if args.samples < 1 or args.seq_len < 2 or args.batch_size < 1 or args.max_windows < 0:
+        raise ConfigError("--samples/--batch-size must be >= 1, --seq-len >= 2, --max-windows >= 0")
+    if args.out:
+        check_output(args.out, force=args.force)
+    docs = load_documents(args.data)
+    lm = load_model(args.model)
+    corpus = build_corpus(lm.tokenizer, docs, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                          max_length=lm.max_length)
+    data = EvalData(corpus.batches(args.batch_size), docs, causal=lm.map.spec.causal, window=args.seq_len,
+                    max_windows=args.max_windows or None)
+    rows = [{"model": lm.name, **evaluate_model(lm.model, lm.tokenizer, data)}]
+    report = Report(kind="llm.eval", config={k: v for k, v in vars(args).items()})
+    if args.quantized:
+        q = load_quantized(args.quantized)
+        rows.append({"model": f"{q.name} (quantized)", **evaluate_model(q.model, lm.tokenizer, data)})
+        per_layer = layer_sqnr(q.model, data.batches)
+        report.add_table("layer_sqnr", [{"layer": k, **v} for k, v in per_layer.items()])
+        finite = [v["sqnr_db"] for v in per_layer.values() if v["sqnr_db"] != float("inf")]
+        if finite:
+            report.metrics["layer_sqnr_db_min"] = min(finite)
+            report.metrics["layer_sqnr_db_mean"] = sum(finite) / len(finite)
+    report.add_table("eval", rows)
+    for k, v in rows[-1].items():
+        if isinstance(v, float):
+            report.metrics[k] = v
+    _print(rows, report.metrics)
+    if args.out:
+        with staged_output(args.out, force=args.force) as stage:
+            report.save(stage)
+    return 0
+
+
+def _print(rows: list[dict[str, object]], metrics: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from outlierkit.report import _fmt
+
+    cols = [k for k in rows[-1] if k != "eval_tokens"]
+    table = Table()
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c, "")) for c in cols])
+    console = Console()
+    console.print(table)
+    if "layer_sqnr_db_min" in metrics:
+        console.print(f"per-layer SQNR: min {_fmt(metrics['layer_sqnr_db_min'])} dB, "
+                      f"mean {_fmt(metrics['layer_sqnr_db_mean'])} dB")
