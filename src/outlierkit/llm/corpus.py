@@ -12,6 +12,7 @@ import inspect
 import json
 import random
 import sysconfig
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,13 @@ def default_documents() -> list[Document]:
         except ImportError:
             continue
         texts = [inspect.getdoc(mod) or ""]
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
-                if getattr(obj, "__module__", None) == mod.__name__:
-                    texts.append(inspect.getdoc(obj) or "")
+        with warnings.catch_warnings():  # typing.io/typing.re deprecation noise
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for attr in sorted(vars(mod)):
+                obj = getattr(mod, attr)
+                if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
+                    if getattr(obj, "__module__", None) == mod.__name__:
+                        texts.append(inspect.getdoc(obj) or "")
         joined = "\n\n".join(t for t in texts if t)
         docs += [Document(p, f"default:docstrings:{modname}") for p in _paragraphs(joined)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
