@@ -467,6 +467,9 @@ def load_model(
                       "profile in bf16 or fp32", stacklevel=2)
 
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # outlierkit logs its own stages
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
