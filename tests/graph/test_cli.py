@@ -1,0 +1,90 @@
+"""``outlierkit graph fit|score|bench`` through ``main([...])``: outputs, reports, errors (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from outlierkit.cli import main
+
+
+def test_fit_then_score(tiny_tu, tmp_path, capsys):
+    out = tmp_path / "fit"
+    args = ["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(out),
+            "--set", "epochs=8", "--set", "batch_size=16"]
+    assert main(args) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["kind"] == "graph.fit" and rep["config"]["params"]["epochs"] == 8
+    assert rep["config"]["params"]["train_cheb"] is True and rep["config"]["params"]["rq_normalize"] is True
+    assert {"test_auc", "test_auprc", "test_macro_f1"} <= set(rep["metrics"])
+    assert len(rep["tables"]["graphs"]) == 7 and len(rep["tables"]["history"]) == 8
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "model" / "model.safetensors").is_file()
+    assert "train_cheb=True" in (out / "report.md").read_text()
+    assert main(args) == 2 and "--force" in capsys.readouterr().err  # existing output is kept
+    sc = tmp_path / "score"
+    assert main(["graph", "score", "--model", str(out), "--out", str(sc)]) == 0
+    srep = json.loads((sc / "report.json").read_text())
+    fit_scores = {r["graph_id"]: r["score"] for r in rep["tables"]["graphs"]}
+    assert {r["graph_id"]: r["score"] for r in srep["tables"]["graphs"]} == pytest.approx(fit_scores)
+    sc_all = tmp_path / "score_all"
+    assert main(["graph", "score", "--model", str(out), "--out", str(sc_all), "--split", "all"]) == 0
+    assert json.loads((sc_all / "report.json").read_text())["metrics"]["graphs"] == 40
+
+
+def test_fit_code_behaviour_and_baseline(tiny_tu, tmp_path):
+    out = tmp_path / "code"
+    assert main(["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(out),
+                 "--code-behaviour", "--set", "epochs=3"]) == 0
+    params = json.loads((out / "report.json").read_text())["config"]["params"]
+    assert params["train_cheb"] is False and params["rq_normalize"] is False
+    out2 = tmp_path / "forest"
+    assert main(["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(out2),
+                 "--detector", "rq_forest", "--set", "n_estimators=20"]) == 0
+    rep = json.loads((out2 / "report.json").read_text())
+    assert rep["warnings"] and not (out2 / "model").exists()
+
+
+def test_bench_quality_and_speed(tiny_tu, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["graph", "bench", "--datasets", "TINY", "--data-root", str(tiny_tu), "--out", str(out),
+                 "--detectors", "rqgnn,rq_iforest", "--seeds", "2", "--epochs", "3",
+                 "--set", "batch_size=16"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["tables"]["runs"]) == 4 and len(rep["tables"]["summary"]) == 2
+    assert "±" in rep["tables"]["summary"][0]["auc"] and (out / "roc.png").is_file()
+    assert "TINY.rqgnn.auc_mean" in rep["metrics"]
+    assert "| TINY | rqgnn |" in capsys.readouterr().out
+    sp = tmp_path / "speed"
+    assert main(["graph", "bench", "--mode", "speed", "--dataset", "TINY", "--data-root", str(tiny_tu),
+                 "--out", str(sp)]) == 0
+    rows = json.loads((sp / "report.json").read_text())["tables"]["speed"]
+    assert rows[0]["packed"] > 0 and rows[1]["speed-up"] > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--detector", "rqgnm"], "valid names: gin, rq_forest, rq_iforest, rqgnn"),
+        (["--set", "epocs=3"], "unknown override key"),
+        (["--set", "epochs=abc"], "must be an integer"),
+        (["--dataset", "NOPE"], "not found under"),
+        (["--anomaly-ratio", "2"], "anomaly ratio"),
+        (["--detector", "gin", "--code-behaviour"], "--code-behaviour"),
+    ],
+)
+def test_fit_errors_are_one_line_exit_2(tiny_tu, tmp_path, capsys, extra, match):
+    args = ["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(tmp_path / "o")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and err.count("\n") == 0 and err.startswith("outlierkit: error:")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_score_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OUTLIERKIT_TU_ROOT", raising=False)
+    assert main(["graph", "score", "--model", str(tmp_path), "--out", str(tmp_path / "s")]) == 2
+    assert "detector.json" in capsys.readouterr().err
+    assert main(["graph", "bench", "--out", str(tmp_path / "b")]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert main(["graph"]) == 2  # argparse: a subcommand is required
