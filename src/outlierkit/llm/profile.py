@@ -269,12 +269,12 @@ class Collector:
         if st is None:
             st = self.stats[site.name] = SiteStats(channels=xv.shape[1], per_token=site.kind in PER_TOKEN_KINDS)
         assert self._info is not None
-        st.update(xv, self._info, massive_abs=self.massive_abs, massive_ratio=self.massive_ratio)
+        kept = st.update(xv, self._info, massive_abs=self.massive_abs, massive_ratio=self.massive_ratio)
         th = self.thresholds.get(site.name)
-        if th:
+        if th and kept is not None:
             checks = self.int8.setdefault(site.name, {})
             for kind, value in th.items():
-                checks.setdefault(kind, Int8Check(value)).update(xv)
+                checks.setdefault(kind, Int8Check(value)).update(kept)
 
     def _expert_hook(self, layer: int, fqn: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -90,15 +90,17 @@ class SiteStats:
     # ------------------------------------------------------------------ update from one batch
     @torch.no_grad()
     def update(self, x: torch.Tensor, info: TokenInfo, *, massive_abs: float = 100.0,
-               massive_ratio: float = 1000.0) -> None:
+               massive_ratio: float = 1000.0) -> torch.Tensor | None:
         """Add the valid tokens ``x`` ``(N, C)`` of one batch (padding already removed).
+
+        Returns the rows that entered the statistics (finite ones, as float32), or None if none did.
 
         Every statistic is exact. The per-token median |x| (the costly part of the massive-activation
         test) is computed only for candidate tokens: those whose max|x| exceeds ``massive_abs`` (every
         massive token is one) and the ``TOPK`` tokens with the largest max|x| (for ``max_token_ratio``).
         """
         if x.numel() == 0:
-            return
+            return None
         x = x.float()
         a = x.abs()
         tok_max = a.amax(dim=1)  # (N,) NaN/Inf here iff the row has one
@@ -113,7 +115,7 @@ class SiteStats:
             x, a, tok_max = x[finite_rows], a[finite_rows], tok_max[finite_rows]
             info = TokenInfo(info.sample[finite_rows], info.pos[finite_rows], info.token[finite_rows])
             if x.numel() == 0:
-                return
+                return None
         n, c = x.shape
         self.count += n * c
         self.tokens += n
@@ -173,6 +175,7 @@ class SiteStats:
                     self.massive.append((float(cmax_tok[j]), float(ratio[j]), Loc(
                         int(info.sample[row]), int(info.pos[row]), int(a[row].argmax()), int(info.token[row]))))
                 self._trim_massive()
+        return x
 
     def _merge_top(self, vals: torch.Tensor, locs: torch.Tensor) -> None:
         allv = torch.cat([self.top_vals, vals])
@@ -333,20 +336,20 @@ class Int8Check:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
+        """Add finite float32 rows ``x`` ``(N, C)``."""
         if x.numel() == 0 or not self.threshold > 0:
             return
-        x = x.float()
-        x = x[torch.isfinite(x).all(dim=1)] if x.dim() == 2 else x[torch.isfinite(x)]
         t = self.threshold
         s = t / 127.0
-        xq = torch.clamp(torch.round(torch.clamp(x, -t, t) / s), -127, 127) * s
-        err = xq - x
+        # |clamp(x, -T, T) / s| <= 127, so the outer clamp of the reference formula is a no-op.
+        err = torch.round(x.clamp(-t, t) / s).mul_(s).sub_(x)
+        ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         self.count += x.numel()
-        self.sx2 += float((x * x).sum(dtype=torch.float64))
-        self.se2 += float((err * err).sum(dtype=torch.float64))
-        self.sabs += float(x.abs().sum(dtype=torch.float64))
-        self.sabs_err += float(err.abs().sum(dtype=torch.float64))
-        self.clipped += int((x.abs() > t).sum())
+        self.sx2 += float((ones @ (x * x)).sum())
+        self.se2 += float((ones @ (err * err)).sum())
+        self.sabs += float((ones @ x.abs()).sum())
+        self.sabs_err += float((ones @ err.abs_()).sum())
+        self.clipped += int(torch.count_nonzero(x.abs() > t))
 
     def merge(self, other: Int8Check) -> Int8Check:
         for name in ("count", "sx2", "se2", "sabs", "sabs_err", "clipped"):
