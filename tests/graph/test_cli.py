@@ -88,3 +88,24 @@ def test_score_errors(tmp_path, capsys, monkeypatch):
     assert main(["graph", "bench", "--out", str(tmp_path / "b")]) == 2
     assert "--data-root" in capsys.readouterr().err
     assert main(["graph"]) == 2  # argparse: a subcommand is required
+
+
+def test_config_file_and_scoring_another_dataset(tiny_tu, tmp_path):
+    from graph_fixtures import tiny_tu_graphs, write_tu
+
+    cfg = tmp_path / "det.yaml"
+    cfg.write_text("epochs: 2\nbatch_size: 16\nhidden: 8\n")
+    out = tmp_path / "fit"
+    assert main(["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(out),
+                 "--config", str(cfg), "--set", "hidden=16"]) == 0
+    params = json.loads((out / "report.json").read_text())["config"]["params"]
+    assert (params["epochs"], params["batch_size"], params["hidden"]) == (2, 16, 16)
+    other = [(lab, edges, [v + 1 for v in nodes]) for lab, edges, nodes in tiny_tu_graphs(12, seed=9)]
+    write_tu(tmp_path / "other", "OTHER", other)  # node label 2 was never seen in training
+    sc = tmp_path / "score"
+    assert main(["graph", "score", "--model", str(out), "--dataset", "OTHER", "--data-root",
+                 str(tmp_path / "other"), "--split", "all", "--out", str(sc)]) == 0
+    rep = json.loads((sc / "report.json").read_text())
+    assert rep["metrics"]["graphs"] == 12 and any("unseen" in w for w in rep["warnings"])
+    assert main(["graph", "score", "--model", str(out), "--dataset", "OTHER", "--data-root",
+                 str(tmp_path / "other"), "--out", str(tmp_path / "s2")]) == 2  # --split test needs TINY

@@ -47,7 +47,8 @@ def break_file(d, name, part, text):
     ("part", "text", "match"),
     [
         ("graph_indicator", None, "lacks TINY_graph_indicator.txt"),
-        ("A", "1, 2\n2, x\n", "line 2 is not a row of numbers"),
+        ("A", "1, 2\n2, x\n", "line 2 is not a row of 2 number"),
+        ("node_labels", "1\n" * 5 + "1, 2\n", "line 6 is not a row of 1 number"),
         ("A", "1, 2\n2, 999999\n", "points outside nodes"),
         ("A", "1, 2\n1, 40\n", "edges must stay inside one graph"),
         ("graph_labels", "1\n" * 40, "single graph class"),

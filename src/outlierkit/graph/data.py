@@ -203,11 +203,9 @@ def _read(path: Path, *, dtype: Any, ncols: int | None = None) -> np.ndarray:
     try:
         arr = np.array([ln.split() for ln in lines], dtype=dtype) if lines else np.zeros((0, ncols or 1), dtype)
     except ValueError:
-        bad = next(
-            (i for i, ln in enumerate(lines) if not _parses(ln, dtype, ncols)), None
-        )
-        raise DataError(f"{path}: line {None if bad is None else bad + 1} is not a row of numbers: "
-                        f"{lines[bad] if bad is not None else ''!r}") from None
+        width = ncols if ncols is not None else len(lines[0].split())
+        bad = next((i for i, ln in enumerate(lines) if not _parses(ln, dtype, width)), 0)
+        raise DataError(f"{path}: line {bad + 1} is not a row of {width} number(s): {lines[bad]!r}") from None
     if arr.ndim == 1:  # ragged rows make numpy build an object array or fail above
         arr = arr.reshape(-1, 1)
     if ncols is not None and arr.shape[1] != ncols:
