@@ -22,3 +22,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """An untrained tiny checkpoint directory (for CLI plumbing; says nothing about quality)."""
+    from outlierkit.diffusion.tiny import make_task, save_tiny
+
+    path = tmp_path_factory.mktemp("tiny") / "ck"
+    torch.manual_seed(0)
+    save_tiny(TinyMDM(), make_task("parity-chain"), path, {"command": "random init (test fixture)"})
+    return path

@@ -74,7 +74,7 @@ def test_vote_plumbing_beats_every_single_schedule_on_flawed_oracle():
 
 
 def test_evaluate_hex_matches_hex_generate_and_is_consistent():
-    prompts, gold = prompts_of(60)
+    prompts, gold = prompts_of(40)
     oracle = FlawedParityOracle()
     hc = HexConfig(schedules=("2", "12", "24"), seeds_per_block=3, temperature=0.7, batch_rows=512, **TINY)
     rep = evaluate_hex(oracle, prompts, gold, TINY_TOKENS, EvalConfig(hex=hc, ks=(3, 1), seeds_per_schedule=(1,),
@@ -90,7 +90,7 @@ def test_evaluate_hex_matches_hex_generate_and_is_consistent():
     assert one["hex_acc"] == pytest.approx(rows["b2"]["vote1_acc"])
     assert set(rows) == {"b2", "b12", "b24", "topk_margin"} and "mean_path_acc" not in rows["topk_margin"]
     assert hex_row["ci_lo"] <= hex_row["hex_minus_best"] <= hex_row["ci_hi"]
-    assert len(rep.tables["examples"]) == 10 and rep.metrics["n_problems"] == 60
+    assert len(rep.tables["examples"]) == 10 and rep.metrics["n_problems"] == 40
     with pytest.raises(ConfigError, match="k\\*s"):
         evaluate_hex(oracle, prompts, gold, TINY_TOKENS, EvalConfig(hex=hc, ks=(3,), seeds_per_schedule=(1, 3)),
                      decode)

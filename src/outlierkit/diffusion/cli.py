@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(200, steps/10))")
+    t.add_argument("--init-from", default=None, help="continue from this tiny checkpoint (fresh optimizer)")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
 
     e = sub.add_parser("eval", help="accuracy of each schedule, same-compute votes and HEX, with paired CIs")
@@ -95,11 +97,17 @@ def _train(args: Any) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--steps and --batch-size must be positive")
     cfg = TrainConfig(task=args.task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, threads=args.threads, warmup=min(200, max(1, args.steps // 10)))
+                      seed=args.seed, threads=args.threads, init_from=args.init_from,
+                      warmup=args.warmup if args.warmup is not None else min(200, max(1, args.steps // 10)))
     with staged_output(args.out, force=args.force) as stage:
         model, task, hist = train_tiny(cfg, on_log=lambda s, l: log(f"step {s}/{cfg.steps} loss {l:.4f}"))
-        meta = {"train_config": to_dict(cfg), "command": "outlierkit hex " + shlex.join(sys.argv[2:]),
-                "final_loss": hist[-1]["loss"], "train_seconds": hist[-1]["seconds"]}
+        meta: dict[str, Any] = {"train_config": to_dict(cfg),
+                                "command": "outlierkit hex " + shlex.join(sys.argv[2:]),
+                                "final_loss": hist[-1]["loss"], "train_seconds": hist[-1]["seconds"]}
+        if args.init_from:
+            from outlierkit.diffusion.tiny import load_tiny
+
+            meta["parent"] = load_tiny(args.init_from)[2]
         save_tiny(model, task, stage, meta)
         rep = Report(kind="diffusion.train_tiny", config=to_dict(cfg))
         rep.metrics.update({"final_loss": hist[-1]["loss"], "seconds": hist[-1]["seconds"],
@@ -163,7 +171,7 @@ class _Loaded:
         if self.tiny and gen != self.task.gen_length:
             raise ConfigError(f"the tiny model was trained with gen-length {self.task.gen_length}")
         return HexConfig(
-            schedules=tuple((args.schedules or self.sched_default).split(",")),
+            schedules=tuple((self.sched_default if args.schedules is None else args.schedules).split(",")),
             seeds_per_block=seeds_per_block, temperature=args.temperature, gen_length=gen,
             steps=args.steps or max(1, gen // 2), cfg_scale=args.cfg_scale, suppress_eos=args.suppress_eos,
             eos_last=args.eos_last, shift_logits=self.shift, extractor=args.extractor or self.extractor_default,

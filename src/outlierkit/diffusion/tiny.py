@@ -284,6 +284,7 @@ class TrainConfig:
         warmup: linear warm-up steps (default: 200). weight_decay (default: 0.01). clip (default: 1.0).
         eps: smallest masking ratio t (default: 1e-3). seed (default: 0). threads: torch threads (default: 1).
         model: sizes (default: :class:`TinyConfig`).
+        init_from: continue from this tiny checkpoint's weights (fresh optimizer) (default: None).
     """
 
     task: str = "parity-chain"
@@ -297,6 +298,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     model: TinyConfig = field(default_factory=TinyConfig)
+    init_from: str | None = None
 
 
 def masked_diffusion_loss(model: nn.Module, prompts: torch.Tensor, resps: torch.Tensor,
@@ -320,12 +322,19 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
     from outlierkit._utils import seed_everything
 
     task = make_task(cfg.task)
+    parent: TinyMDM | None = None
+    if cfg.init_from is not None:
+        parent, parent_task, _ = load_tiny(cfg.init_from)
+        if parent_task != task or parent.config != cfg.model:
+            raise ConfigError(f"--init-from {cfg.init_from} has another task or model size than requested")
     need = task.prompt_len + task.gen_length
     if cfg.model.max_len < need:
         raise ConfigError(f"model.max_len {cfg.model.max_len} < prompt + answer length {need}")
     torch.set_num_threads(cfg.threads)
     gen = seed_everything(cfg.seed)
     model = TinyMDM(cfg.model)
+    if parent is not None:
+        model.load_state_dict(parent.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
