@@ -74,7 +74,7 @@ def token_agreement(model: nn.Module, ref_logits: list[torch.Tensor], batches: l
 
     test = model_outputs(model, batches)
     hit = tot = 0
-    for r, t, b in zip(ref_logits, test, batches):
+    for r, t, b in zip(ref_logits, test, batches, strict=True):
         m = b.attention_mask.bool()
         hit += int((r.argmax(-1)[m] == t.argmax(-1)[m]).sum())
         tot += int(m.sum())
@@ -187,7 +187,8 @@ def compare_recipes(
         rep = quantize_(m, recipe, calib, baseline=False)
         dt = time.perf_counter() - t0
         metrics = evaluate_model(m, tokenizer, ev)
-        absmax = [r["in_absmax"] for r in rep.tables.get("layer_sqnr", []) if r.get("in_absmax") is not None]
+        absmax = [float(v) for r in rep.tables.get("layer_sqnr", [])
+                  if isinstance(v := r.get("in_absmax"), (int, float))]
         row: dict[str, Any] = {
             "recipe": recipe.name,
             "steps": "+".join(s.method for s in recipe.steps),

@@ -24,7 +24,7 @@ def quant_state(model: nn.Module) -> dict[str, Any]:
 
     layers = {}
     for name, q in quant_layers(model):
-        rng = q.act_range.tolist()
+        rng: list[list[float]] = q.act_range.tolist()
         layers[unwrapped_fqn(name)] = {
             "weight": format_to_dict(q.weight_format), "act": format_to_dict(q.act_format),
             "out": format_to_dict(q.out_format),
@@ -59,10 +59,10 @@ def apply_quant_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     if state.get("format") != "outlierkit.fakequant/1":
         raise ModelLoadError(f"unknown quantization state format {state.get('format')!r}")
     for fqn, spec in state["layers"].items():
-        q: QuantLinear = wrap_(model, fqn, weight=parse_format(spec["weight"]), act=parse_format(spec["act"]),
+        q = wrap_(model, fqn, weight=parse_format(spec["weight"]), act=parse_format(spec["act"]),
                                out=parse_format(spec["out"]))
         rng = torch.tensor([[float("nan") if v is None else v for v in r] for r in spec["act_range"]])
-        q.act_range.copy_(rng)
+        q.act_range.copy_(rng)  # static ranges
     return model
 
 

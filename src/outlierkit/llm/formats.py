@@ -223,7 +223,8 @@ def int_fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits:
     return (q - zp) * scale
 
 
-def fake_quant(x: torch.Tensor, fmt: Format | None, rng: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, fmt: Format | None,
+               rng: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Fake-quantize ``x`` with ``fmt``; ``rng`` = a static (lo, hi) range (per-tensor), else dynamic.
 
     Shapes:

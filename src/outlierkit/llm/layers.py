@@ -38,6 +38,9 @@ class QuantLinear(nn.Module):
         (hidden (N, C), top_k_index (N, k), top_k_weights (N, k)) -> (N, C).
     """
 
+    act_range: torch.Tensor
+    inner: Any  # nn.Linear / Conv1D / fused experts: attribute access is duck-typed
+
     def __init__(self, inner: nn.Module, *, weight: Format | None = None, act: Format | None = None,
                  out: Format | None = None, name: str = "") -> None:
         super().__init__()
@@ -129,7 +132,8 @@ class QuantLinear(nn.Module):
         if float_only and not self.observing:
             return self.inner(x, *args, **kwargs)
         if self.kind == "experts":
-            return self._experts(x, *args, float_only=float_only, **kwargs)
+            return self._experts(x, args[0] if args else kwargs["top_k_index"],
+                                 args[1] if len(args) > 1 else kwargs["top_k_weights"], float_only)
         w = self.weight_matrices()[0] if float_only else self.quantized_weights()[0]
         y = F.linear(self._qa(x, 0), w, self.inner.bias)
         return y if float_only else fake_quant(y, self.out_format)
@@ -162,7 +166,8 @@ class QuantLinear(nn.Module):
     # Let code that reads ``proj.weight`` / ``proj.bias`` (e.g. dtype checks) see the float module's.
     @property
     def weight(self) -> torch.Tensor:
-        return self.inner.weight  # type: ignore[no-any-return]
+        w: torch.Tensor = self.inner.weight
+        return w
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -188,9 +193,9 @@ def _quant_weight(w: torch.Tensor, fmt: Format | None) -> torch.Tensor:
 
 def set_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
     parent, _, child = fqn.rpartition(".")
-    owner = get_attr(model, parent) if parent else model
+    owner: Any = get_attr(model, parent) if parent else model
     if child.isdigit():
-        owner[int(child)] = module  # type: ignore[index]
+        owner[int(child)] = module
     else:
         setattr(owner, child, module)
 

@@ -242,7 +242,7 @@ def output_sqnr(ref: list[torch.Tensor], test: list[torch.Tensor], batches: list
     import math
 
     sig = noise = 0.0
-    for r, t, b in zip(ref, test, batches):
+    for r, t, b in zip(ref, test, batches, strict=True):
         m = b.attention_mask.bool()
         sig += r[m].double().pow(2).sum().item()
         noise += (r[m].double() - t[m].double()).pow(2).sum().item()
@@ -288,7 +288,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: To
         unwrap_(model)
     records: list[LayerRecord] = []
     timings: dict[str, float] = {}
-    for step, method in zip(recipe.steps, methods):
+    for step, method in zip(recipe.steps, methods, strict=True):
         t0 = time.perf_counter()
         records += method.apply(model, ctx)
         timings[f"time_{step.method}_s"] = time.perf_counter() - t0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(rows: list[dict[str, object]], metrics: dict[str, object]) -> None:
+def _print(rows: list[dict[str, Any]], metrics: Mapping[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     rtn = m.get("output_sqnr_db_rtn")
     print(f"{lm.name} -> {args.out}: output SQNR {m['output_sqnr_db']:.2f} dB"
           + (f" (plain RTN with the same formats: {rtn:.2f} dB)" if rtn is not None else "")
-          + f", {m['layers_quantized']} layers quantized, min layer SQNR {m.get('layer_sqnr_db_min', float('nan')):.2f} dB")
+          + f", {m['layers_quantized']} layers quantized, "
+          f"min layer SQNR {m.get('layer_sqnr_db_min', float('nan')):.2f} dB")
     for w in report.warnings:
         print(f"note: {w}")
     return 0

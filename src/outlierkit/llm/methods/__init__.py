@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from outlierkit.llm.methods import os_plus as os_plus  # noqa: F401
 from outlierkit.llm.methods import rtn as rtn  # noqa: F401
 from outlierkit.llm.methods import smoothquant as smoothquant  # noqa: F401
-from outlierkit.llm.methods import os_plus as os_plus  # noqa: F401
 from outlierkit.llm.methods.base import METHODS, LayerRecord, QuantContext, QuantMethod
 
 __all__ = ["METHODS", "LayerRecord", "QuantContext", "QuantMethod"]

@@ -108,7 +108,8 @@ def float_module(model: nn.Module, fqn: str) -> nn.Module:
 def in_weight(mod: nn.Module) -> torch.Tensor:
     """The consumer's weight as a view whose LAST axis is its input channel: (O, C) or (E, O, C)."""
     if is_fused_experts(mod):
-        return mod.gate_up_proj  # type: ignore[no-any-return]
+        gu: torch.Tensor = getattr(mod, "gate_up_proj")  # noqa: B009
+        return gu
     w = mod.weight
     assert isinstance(w, torch.Tensor)
     return w.t() if type(mod).__name__ == "Conv1D" else w
@@ -122,8 +123,8 @@ def out_weight(mod: nn.Module) -> torch.Tensor:
 
 
 def _heads(model: nn.Module) -> tuple[int, int, int]:
-    cfg = model.config  # type: ignore[union-attr]
-    h = int(getattr(cfg, "num_attention_heads"))
+    cfg: Any = getattr(model, "config")  # noqa: B009
+    h = int(cfg.num_attention_heads)
     kv = int(getattr(cfg, "num_key_value_heads", None) or h)
     d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // h)
     return h, kv, d
@@ -229,7 +230,7 @@ def fold_(model: nn.Module, grp: Group, s: torch.Tensor, z: torch.Tensor | None 
         w = in_weight(mod)
         dev, dt = w.device, w.dtype
         if z_cols is not None:
-            b = mod.bias
+            b: torch.Tensor = getattr(mod, "bias")  # noqa: B009
             b.copy_((b.double() + w.double() @ z_cols.to(dev)).to(dt))
         w.copy_((w.double() * s_cols.to(dev)).to(dt))
     if grp.spec.kind == "norm":

@@ -8,7 +8,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from outlierkit.errors import ConfigError
 from outlierkit.llm.calibrate import ChannelStats, collect_input_stats
@@ -72,7 +71,7 @@ class Problem:
     def block(self, xq: torch.Tensor, ws: list[torch.Tensor], b: int) -> torch.Tensor:
         """Downstream block output. xq (K, B, T, C), ws[i] (K, O_i, C) -> (K, B, T, O')."""
         outs = []
-        for w, bias in zip(ws, self.biases):
+        for w, bias in zip(ws, self.biases, strict=True):
             y = torch.matmul(xq, w.transpose(-1, -2).unsqueeze(1))  # (K, B, T, O)
             outs.append(y if bias is None else y + bias)
         if self.role == "linear":
@@ -141,7 +140,8 @@ def candidates(c: torch.Tensor, floor: float, max_candidates: int) -> torch.Tens
     return torch.tensor([big_t - i * step for i in range(n)], dtype=torch.float32)
 
 
-def search_vectorized(p: Problem, ts: torch.Tensor, chunk: int, how: str = "grid", stride: int = 8) -> tuple[int, torch.Tensor]:
+def search_vectorized(p: Problem, ts: torch.Tensor, chunk: int, how: str = "grid",
+                      stride: int = 8) -> tuple[int, torch.Tensor]:
     """Index of the best candidate; ``grid`` evaluates all (``chunk`` at a time), ``coarse`` every
     ``stride``-th then the full grid around the coarse best (the loss is smooth in t)."""
     def run(idx: torch.Tensor) -> torch.Tensor:
@@ -267,7 +267,7 @@ class OSPlus(QuantMethod):
         mods = [float_module(model, n) for n in g.linears]
         weights = [in_weight(m).detach().float().cpu().reshape(-1, in_weight(m).shape[-1]) for m in mods]
         biases: list[torch.Tensor | None] = []
-        for m, w in zip(mods, weights):
+        for m, _w in zip(mods, weights, strict=True):
             b = getattr(m, "bias", None)
             b = b.detach().float().cpu() if isinstance(b, torch.Tensor) else None
             biases.append(b)
@@ -296,7 +296,7 @@ class OSPlus(QuantMethod):
             targets.append(p0.block(x[None], [w[None] for w in weights], b)[0])  # (B, T, O')
             xs.append(x - z_cols)
         if z is not None:  # the consumers' biases absorb W z
-            biases = [bb + w @ z_cols if bb is not None else None for bb, w in zip(biases, weights)]
+            biases = [bb + w @ z_cols if bb is not None else None for bb, w in zip(biases, weights, strict=True)]
         return Problem(xs, st.masks, targets, weights, biases, role, c, wfmt, afmt, attn), z
 
     def _chunk(self, p: Problem) -> int:
