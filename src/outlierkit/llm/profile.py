@@ -224,9 +224,10 @@ class Collector:
     """
 
     def __init__(self, model: nn.Module, mm: ModelMap, sites: Sequence[Site], *, massive_abs: float = 100.0,
-                 massive_ratio: float = 1000.0, level: str = "default") -> None:
+                 massive_ratio: float = 1000.0, level: str = "default", hist_stride: int = 1) -> None:
         self.model, self.mm, self.sites = model, mm, list(sites)
         self.massive_abs, self.massive_ratio = massive_abs, massive_ratio
+        self.hist_stride = hist_stride
         self.stats: dict[str, SiteStats] = {}
         self.experts: dict[str, ExpertStats] = {}
         self.int8: dict[str, dict[str, Int8Check]] = {}
@@ -257,7 +258,8 @@ class Collector:
                 self.shape_warnings.append(name)
             return None
         assert self._valid is not None
-        return x.reshape(-1, x.shape[-1]).detach().index_select(0, self._valid)  # (N, C)
+        flat = x.reshape(-1, x.shape[-1]).detach()  # (B*T, C)
+        return flat if self._valid.numel() == self._bt else flat.index_select(0, self._valid)  # (N, C)
 
     def _record(self, site: Site, x: torch.Tensor) -> None:
         xv = self._tokens(x, site.name)
@@ -267,7 +269,8 @@ class Collector:
             xv = xv[:, : xv.shape[1] // 2]
         st = self.stats.get(site.name)
         if st is None:
-            st = self.stats[site.name] = SiteStats(channels=xv.shape[1], per_token=site.kind in PER_TOKEN_KINDS)
+            st = self.stats[site.name] = SiteStats(channels=xv.shape[1], per_token=site.kind in PER_TOKEN_KINDS,
+                                                   stride=self.hist_stride)
         assert self._info is not None
         kept = st.update(xv, self._info, massive_abs=self.massive_abs, massive_ratio=self.massive_ratio)
         th = self.thresholds.get(site.name)
@@ -352,12 +355,22 @@ def _base_model(model: nn.Module, mm: ModelMap) -> nn.Module:
 
 @dataclass
 class ProfileOptions:
-    """How to profile. Args: level (``basic|default|full``), batch_size, massive_abs (100),
-    massive_ratio (1000), calib_fraction of samples used to calibrate the INT8 thresholds (the rest
-    evaluates them; 0 disables the check), checkpoint_every (batches)."""
+    """How to profile.
+
+    Args:
+        level: ``basic|default|full`` (default ``default``).
+        batch_size: samples per forward (8).
+        hist_stride: the histogram (quantiles), kurtosis and mean|x| use every ``hist_stride``-th valid
+            token; everything else uses all tokens. ``None``: 8 at basic/default, 1 (exact) at full.
+        massive_abs, massive_ratio: the massive-activation test (100, 1000).
+        calib_fraction: share of samples that calibrates the INT8 thresholds; the rest evaluates them
+            (1/3; 0 disables the check).
+        checkpoint_every: save statistics every N batches (0: never).
+    """
 
     level: str = "default"
     batch_size: int = 8
+    hist_stride: int | None = None
     massive_abs: float = 100.0
     massive_ratio: float = 1000.0
     calib_fraction: float = 1 / 3
@@ -414,8 +427,11 @@ def profile_model(
     rank, world = shard
     mine = [k for k in range(len(plan)) if k % world == rank]
 
+    stride = opt.hist_stride if opt.hist_stride is not None else (1 if opt.level == "full" else 8)
+    if stride < 1:
+        raise ConfigError("--hist-stride must be at least 1")
     collector = Collector(model, mm, sites, massive_abs=opt.massive_abs, massive_ratio=opt.massive_ratio,
-                          level=opt.level)
+                          level=opt.level, hist_stride=stride)
     prof = ActivationProfile(model=name, model_type=mm.model_type, sites=sites, stats={})
     start = 0
     if resume and checkpoint is not None and checkpoint.with_suffix(".json").exists():

@@ -59,13 +59,18 @@ class SiteStats:
 
     channels: int
     per_token: bool = True
+    stride: int = 1  # distribution statistics use every ``stride``-th token
     count: int = 0  # elements
     tokens: int = 0
     s1: float = 0.0
     s2: float = 0.0
-    s3: float = 0.0
-    s4: float = 0.0
-    sabs: float = 0.0
+    # distribution statistics (histogram, power sums for kurtosis, mean |x|) over the token subsample
+    dcount: int = 0
+    d1: float = 0.0
+    d2: float = 0.0
+    d3: float = 0.0
+    d4: float = 0.0
+    dabs: float = 0.0
     vmin: float = math.inf
     vmax: float = -math.inf
     loc_min: Loc = field(default_factory=Loc)
@@ -93,17 +98,21 @@ class SiteStats:
                massive_ratio: float = 1000.0) -> torch.Tensor | None:
         """Add the valid tokens ``x`` ``(N, C)`` of one batch (padding already removed).
 
-        Returns the rows that entered the statistics (finite ones, as float32), or None if none did.
+        Exact over every token: count, mean, rms, min/max and absmax with locations, per-channel
+        min/max, top-k, the massive-activation test. The histogram (quantiles), the higher power sums
+        (kurtosis) and mean |x| use one token in ``stride``, chosen by (sample, position) so the subsample
+        is deterministic and independent of batching (``stride=1``: all tokens). The per-token median
+        (the costly part of the massive test) is computed only for candidates: tokens whose max|x|
+        exceeds ``massive_abs`` (every massive token is one) and the ``TOPK`` tokens with the largest
+        max|x| (for ``max_token_ratio``).
 
-        Every statistic is exact. The per-token median |x| (the costly part of the massive-activation
-        test) is computed only for candidate tokens: those whose max|x| exceeds ``massive_abs`` (every
-        massive token is one) and the ``TOPK`` tokens with the largest max|x| (for ``max_token_ratio``).
+        Returns the rows that entered the statistics (finite, float32), or None if none did.
         """
         if x.numel() == 0:
             return None
         x = x.float()
-        a = x.abs()
-        tok_max = a.amax(dim=1)  # (N,) NaN/Inf here iff the row has one
+        # per-token max|x| from two reductions (no |x| temporary); NaN/Inf here iff the row has one
+        tok_max = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_())  # (N,)
         finite_rows = torch.isfinite(tok_max)
         if not bool(finite_rows.all()):
             bad = (~finite_rows).nonzero().flatten()
@@ -112,24 +121,38 @@ class SiteStats:
                 ch = int((~torch.isfinite(x[j])).nonzero()[0])
                 self.loc_nonfinite = Loc(int(info.sample[j]), int(info.pos[j]), ch, int(info.token[j]))
             self.nonfinite_tokens += int(bad.numel())
-            x, a, tok_max = x[finite_rows], a[finite_rows], tok_max[finite_rows]
+            x, tok_max = x[finite_rows], tok_max[finite_rows]
             info = TokenInfo(info.sample[finite_rows], info.pos[finite_rows], info.token[finite_rows])
             if x.numel() == 0:
                 return None
         n, c = x.shape
         self.count += n * c
         self.tokens += n
-        # Power sums through BLAS (ones @ x): several times faster than Tensor.sum on CPU; float64 when
-        # values are large enough for x^4 to lose range in float32.
+        # Power sums through BLAS (gemv/dot, no temporaries): several times faster than Tensor.sum on
+        # CPU; float64 when values are large enough for x^4 to lose range in float32.
         big = float(tok_max.max()) > 1e8
         xs = x.double() if big else x
-        ones = torch.ones(n, dtype=xs.dtype, device=x.device)
-        x2 = xs * xs
-        self.s1 += float((ones @ xs).sum())
-        self.s2 += float((ones @ x2).sum())
-        self.s3 += float((ones @ (x2 * xs)).sum())
-        self.s4 += float((ones @ (x2 * x2)).sum())
-        self.sabs += float((ones @ (a.double() if big else a)).sum())
+        flat = xs.reshape(-1)
+        self.s1 += float((torch.ones(n, dtype=xs.dtype, device=x.device) @ xs).sum())
+        self.s2 += float(flat @ flat)
+        if self.stride > 1:
+            # The subsample is chosen by token identity (sample, position), not by row, so it does not
+            # depend on batching, sharding or resuming.
+            keep = ((info.sample * 7919 + info.pos) % self.stride == 0).nonzero().flatten()
+            sub = xs.index_select(0, keep)  # (n_sub, C)
+        else:
+            sub = xs
+        a_sub = sub.abs()
+        sflat, aflat = sub.reshape(-1), a_sub.reshape(-1)
+        sq = sflat * sflat
+        self.dcount += sflat.numel()
+        self.d1 += float(sflat.sum())
+        self.d2 += float(sflat @ sflat)
+        self.d3 += float(sq @ sflat)
+        self.d4 += float(sq @ sq)
+        self.dabs += float(aflat.sum())
+        bins = torch.bincount((a_sub.float().view(torch.int32) >> HIST_SHIFT).reshape(-1), minlength=HIST_BINS)
+        self.hist += bins.cpu().double()
         cmin, cmax = x.amin(dim=0), x.amax(dim=0)  # (C,) each
         self.ch_min = torch.minimum(self.ch_min, cmin.cpu())
         self.ch_max = torch.maximum(self.ch_max, cmax.cpu())
@@ -148,23 +171,21 @@ class SiteStats:
         k = min(TOPK, n)
         _, rows = tok_max.topk(k)
         cand = x[rows]  # (k, C)
-        _, flat = cand.abs().flatten().topk(min(TOPK, cand.numel()))
-        r, chan = rows[flat // c], flat % c
+        _, idx = cand.abs().flatten().topk(min(TOPK, cand.numel()))
+        r, chan = rows[idx // c], idx % c
         locs = torch.stack([info.sample[r], info.pos[r], chan, info.token[r]], dim=1).cpu()
-        self._merge_top(cand.flatten()[flat].cpu(), locs)
-        bins = torch.bincount((a.view(torch.int32) >> HIST_SHIFT).flatten(), minlength=HIST_BINS)
-        self.hist += bins.cpu().double()
+        self._merge_top(cand.flatten()[idx].cpu(), locs)
         if self.per_token:
             # Massive activations (Sun et al. 2024): max|x| > massive_abs and > massive_ratio x median|x|.
             cand_rows = torch.unique(torch.cat([rows, (tok_max > massive_abs).nonzero().flatten()]))
-            med = a[cand_rows].median(dim=1).values.clamp_min(1e-12)  # (M,)
+            a = x[cand_rows].abs()  # (M, C)
+            ratio = tok_max[cand_rows] / a.median(dim=1).values.clamp_min(1e-12)
             cmax_tok = tok_max[cand_rows]
-            ratio = cmax_tok / med
             j = int(ratio.argmax())
             if float(ratio[j]) > self.max_token_ratio:
                 row = int(cand_rows[j])
                 self.max_token_ratio = float(ratio[j])
-                self.loc_max_ratio = Loc(int(info.sample[row]), int(info.pos[row]), int(a[row].argmax()),
+                self.loc_max_ratio = Loc(int(info.sample[row]), int(info.pos[row]), int(a[j].argmax()),
                                          int(info.token[row]))
             hits = ((cmax_tok > massive_abs) & (ratio > massive_ratio)).nonzero().flatten()
             self.massive_tokens += int(hits.numel())
@@ -173,7 +194,7 @@ class SiteStats:
                 for j in top_hits.tolist():
                     row = int(cand_rows[j])
                     self.massive.append((float(cmax_tok[j]), float(ratio[j]), Loc(
-                        int(info.sample[row]), int(info.pos[row]), int(a[row].argmax()), int(info.token[row]))))
+                        int(info.sample[row]), int(info.pos[row]), int(a[j].argmax()), int(info.token[row]))))
                 self._trim_massive()
         return x
 
@@ -196,7 +217,10 @@ class SiteStats:
         """In place: the statistics of the union of both token sets. Returns ``self``."""
         if other.channels != self.channels:
             raise ValueError(f"cannot merge sites with {self.channels} and {other.channels} channels")
-        for name in ("count", "tokens", "s1", "s2", "s3", "s4", "sabs", "massive_tokens", "nonfinite_tokens"):
+        if other.stride != self.stride:
+            raise ValueError(f"cannot merge statistics with token strides {self.stride} and {other.stride}")
+        for name in ("count", "tokens", "s1", "s2", "dcount", "d1", "d2", "d3", "d4", "dabs", "massive_tokens",
+                     "nonfinite_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.vmin < self.vmin:
             self.vmin, self.loc_min = other.vmin, other.loc_min
@@ -247,12 +271,20 @@ class SiteStats:
 
     @property
     def kurtosis(self) -> float:
-        """Excess kurtosis E[(x-m)^4]/var^2 - 3 from raw power sums."""
-        if not self.count or self.var == 0:
+        """Excess kurtosis E[(x-m)^4]/var^2 - 3 from raw power sums (over the token subsample)."""
+        if not self.dcount:
             return float("nan")
-        n, m = self.count, self.mean
-        m4 = self.s4 / n - 4 * m * self.s3 / n + 6 * m * m * self.s2 / n - 3 * m**4
-        return m4 / self.var**2 - 3.0
+        n = self.dcount
+        m = self.d1 / n
+        var = self.d2 / n - m * m
+        if var <= 0:
+            return float("nan")
+        m4 = self.d4 / n - 4 * m * self.d3 / n + 6 * m * m * self.d2 / n - 3 * m**4
+        return m4 / var**2 - 3.0
+
+    @property
+    def mean_abs(self) -> float:
+        return self.dabs / self.dcount if self.dcount else float("nan")
 
     @property
     def ch_absmax(self) -> torch.Tensor:

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", choices=("basic", "default", "full"), default="default",
                         help="basic: layer outputs; default: + router, experts, SwiGLU gate/product; "
                              "full: + every linear's input and output")
+    parser.add_argument("--hist-stride", type=int, default=None,
+                        help="histogram quantiles, kurtosis and mean|x| use one token in N (default 8; 1 = exact, "
+                             "the default at --level full); maxima, locations and moments use every token")
     parser.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16, auto")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--device-map", default=None, help="accelerate device map for models larger than a device")
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--samples, --batch-size must be >= 1 and --seq-len >= 2")
     if not args.resume:
         check_output(args.out, force=args.force)
-    opts = ProfileOptions(level=args.level, batch_size=args.batch_size, massive_abs=args.massive_abs,
+    opts = ProfileOptions(level=args.level, batch_size=args.batch_size, hist_stride=args.hist_stride,
+                          massive_abs=args.massive_abs,
                           massive_ratio=args.massive_ratio, calib_fraction=0.0 if args.no_int8_check else 1 / 3,
                           checkpoint_every=args.checkpoint_every)
     rank, world = _init_distributed()
