@@ -260,3 +260,22 @@ def test_hooks_removed_when_forward_fails(corpus):
         profile_model(model, mm, corpus, ProfileOptions())
     h.remove()
     assert count_hooks(model) == 0
+
+
+def test_token_subsample_keeps_exact_statistics_and_close_quantiles(corpus):
+    model = tiny_model("qwen3")
+    mm = resolve(model)
+    exact = profile_model(model, mm, corpus, ProfileOptions(calib_fraction=0.0, hist_stride=1))
+    sub = profile_model(model, mm, corpus, ProfileOptions(calib_fraction=0.0, hist_stride=4))
+    for name, st in exact.stats.items():
+        o = sub.stats[name]
+        assert (o.count, o.vmax, o.vmin, o.loc_max, o.massive_tokens) == (st.count, st.vmax, st.vmin, st.loc_max,
+                                                                          st.massive_tokens)
+        assert o.rms == pytest.approx(st.rms, rel=1e-5)
+        torch.testing.assert_close(o.ch_max, st.ch_max)
+        assert 0 < o.dcount < st.dcount
+        assert o.quantile_abs(0.5) == pytest.approx(st.quantile_abs(0.5), rel=0.1)
+    # the subsample depends on token identity only: another batching gives the same histogram
+    rebatched = profile_model(model, mm, corpus, ProfileOptions(calib_fraction=0.0, hist_stride=4, batch_size=3))
+    for name, st in sub.stats.items():
+        torch.testing.assert_close(rebatched.stats[name].hist, st.hist, atol=2, rtol=0)

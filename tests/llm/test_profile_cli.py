@@ -243,3 +243,14 @@ def test_module_entry_point():
 
     r = subprocess.run([sys.executable, "-m", "outlierkit", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("outlierkit")
+
+
+def test_demo_and_report_commands(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--samples", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "Largest activations" in text and "Outlier channels" in text
+    assert (out / "report.md").exists()
+    assert main(["report", "show", str(out)]) == 0
+    assert "global_max" in capsys.readouterr().out
+    assert main(["report", "diff", str(out), str(out)]) == 0
