@@ -19,26 +19,29 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens used by the search")
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-model", action="store_true", help="skip the whole-model timing")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    dev = torch.device(args.device)
     from outlierkit.llm.calibrate import collect_input_stats
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.fixtures import tiny_model, tokenizer
     from outlierkit.llm.formats import parse_format
     from outlierkit.llm.methods.base import resolve_groups
-    from outlierkit.llm.methods.os_plus import OSPlus, candidates, search_loop, search_vectorized
+    from outlierkit.llm.methods.os_plus import OSPlus, budget_chunk, candidates, search_loop, search_vectorized
     from outlierkit.llm.models import resolve
 
     h = args.hidden
     model = tiny_model("llama", hidden_size=h, intermediate_size=int(h * 2.6875), num_attention_heads=h // 32,
-                       num_key_value_heads=h // 64)
+                       num_key_value_heads=h // 64).to(dev)
     tok = tokenizer()
     n_samples = max(1, args.tokens // args.seq_len)
     corpus = build_corpus(tok, load_documents(None), samples=n_samples, seq_len=args.seq_len, seed=0,
                           min_tokens=args.seq_len)
     batches = corpus.batches(n_samples)
     mm = resolve(model, warn=False)
-    m = OSPlus()
+    m = OSPlus(device=args.device)
     rows = []
     for g in [x for x in resolve_groups(model, mm, ("norm", "linear", "attn_v")) if x.layer == 0]:
         site = g.linears[0]
@@ -46,27 +49,32 @@ def main() -> None:
                                  context_sites={site: mm.fqn(0, "self_attn")})[site]
         p, _ = m.problem(model, mm, g, st, parse_format("int8-channel"), parse_format("int8-tensor"))
         ts = candidates(p.c, 1.0, 400)
-        chunk = m._chunk(p)
-        t0 = time.perf_counter()
-        i_loop, l_loop = search_loop(p, ts)
-        t_loop = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        i_vec, _ = search_vectorized(p, ts, chunk)
-        t_vec = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        i_c, _ = search_vectorized(p, ts, chunk, how="coarse")
-        t_c = time.perf_counter() - t0
+        chunk = budget_chunk(p)
+
+        def timed(fn, *a, **kw):  # type: ignore[no-untyped-def]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return out, time.perf_counter() - t0
+
+        timed(search_vectorized, p, ts[:4], chunk)  # warm-up
+        (i_loop, l_loop), t_loop = timed(search_loop, p, ts)
+        (i_vec, _), t_vec = timed(search_vectorized, p, ts, chunk)
+        (i_c, _), t_c = timed(search_vectorized, p, ts, 1 if dev.type == "cpu" else chunk, how="coarse")
         rows.append({"group": g.name.replace("model.layers.0.", ""), "loss": p.role, "candidates": len(ts),
-                     "loop_s": t_loop, "vectorized_s": t_vec, "speedup": t_loop / t_vec,
+                     "loop_s": t_loop, "batched_s": t_vec, "chunk": chunk, "batched_speedup": t_loop / t_vec,
                      "same_scale": i_vec == i_loop, "coarse_s": t_c, "coarse_speedup": t_loop / t_c,
                      "coarse_same": i_c == i_loop,
                      "coarse_loss_excess": float(l_loop[i_c] / l_loop.min() - 1)})
     print(f"\n### OS+ scale search, Llama-style layer 0 at hidden {h} ({batches[0].input_ids.numel()} tokens, "
-          "W8 per-channel / A8 per-tensor loss), 1 thread\n")
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+          f"W8 per-channel / A8 per-tensor loss), device {dev}, 1 CPU thread\n")
+    if args.skip_model:
+        _print(rows)
+        return
+    _print(rows)
 
     # whole-model quantization time (calibration + transforms + wrapping + SQNR bookkeeping)
     from outlierkit.llm.models import load_model
@@ -85,6 +93,13 @@ def main() -> None:
         dt = time.perf_counter() - t0
         step = [v for k, v in rep.metrics.items() if k.startswith("time_") and "rtn" not in k]
         print(f"| {name} | {dt:.2f} | {step[0]:.2f} |" if step else f"| {name} | {dt:.2f} | - |")
+
+
+def _print(rows: list[dict[str, object]]) -> None:
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
 
 
 if __name__ == "__main__":

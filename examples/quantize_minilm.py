@@ -14,9 +14,9 @@ import torch
 from outlierkit.llm.corpus import build_corpus, load_documents
 from outlierkit.llm.evaluate import embeddings, fidelity, split_documents
 from outlierkit.llm.export import load_quantized, save_quantized
+from outlierkit.llm.formats import parse_format
 from outlierkit.llm.models import load_model
 from outlierkit.llm.recipe import Recipe, Step, quantize_
-from outlierkit.llm.formats import parse_format
 
 
 def main() -> None:

@@ -107,16 +107,17 @@ class Problem:
         scores = torch.matmul(q, k.transpose(-1, -2)) * a["scaling"]  # (K, B, H, T, T)
         keep = self.masks[b].bool()[:, None, None, :]  # (B, 1, 1, T) keys
         if a["causal"]:
-            keep = keep & torch.ones(t, t, dtype=torch.bool).tril()
+            keep = keep & torch.ones(t, t, dtype=torch.bool, device=keep.device).tril()
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         out = torch.matmul(scores.softmax(dim=-1), v)  # (K, B, H, T, D)
         return out.permute(0, 1, 3, 2, 4).reshape(k_, bsz, t, h * d)
 
     def losses(self, ts: torch.Tensor) -> torch.Tensor:
         """Loss of each candidate clip threshold in ``ts`` (K,): mean over tokens of sum_out err^2."""
+        ts = ts.to(self.c.device)
         s = torch.clamp(self.c[None, :] / ts[:, None], min=1.0)  # (K, C) = max(1, max|X~_j| / t)
         ws = [fake_quant_k(w[None] * s[:, None, :], self.wfmt) for w in self.weights]  # (K, O, C)
-        total = torch.zeros(len(ts), dtype=torch.float64)
+        total = torch.zeros(len(ts), dtype=torch.float64, device=self.c.device)
         n = 0
         for b, x in enumerate(self.xs):
             xq = fake_quant_k(x[None] / s[:, None, None, :], self.afmt)  # (K, B, T, C)
@@ -124,10 +125,19 @@ class Problem:
             m = self.masks[b].bool()
             total += err[:, m].double().sum(-1)
             n += int(m.sum())
-        return total / max(n, 1)
+        return (total / max(n, 1)).cpu()
 
     def scales(self, t: float) -> torch.Tensor:
         return torch.clamp(self.c / t, min=1.0)
+
+
+def budget_chunk(p: Problem, budget: int = 1 << 24) -> int:
+    """Candidates per batched call so that the largest stacked tensor stays under ``budget`` elements."""
+    bt = max(x.shape[0] * x.shape[1] for x in p.xs)
+    width = max(p.xs[0].shape[-1], sum(w.shape[0] for w in p.weights))
+    if p.role == "attn":
+        width = max(width, p.attn["heads"] * max(x.shape[1] for x in p.xs))
+    return max(1, min(64, budget // max(1, bt * width)))
 
 
 def candidates(c: torch.Tensor, floor: float, max_candidates: int) -> torch.Tensor:
@@ -186,9 +196,12 @@ class OSPlus(QuantMethod):
         floor: lowest clip threshold (default 1.0 as in the OPT code and llmc; the LLaMA code uses 0.1).
         max_candidates: cap on n (default 400) for models with 1e5 peaks.
         batches: calibration batches the search runs on (default None = all).
-        max_tokens: cap on tokens used by the search (default 4096; whole batches are kept).
-        search: ``grid`` (every candidate, vectorized; default) or ``coarse`` (every 8th, then refine).
-        chunk: candidates evaluated at once (default 0 = chosen from a memory budget).
+        max_tokens: cap on tokens used by the search (default 2048; whole batches are kept).
+        search: ``coarse`` (default: every 8th candidate, then every candidate around the best; the loss
+            is smooth in t) or ``grid`` (every candidate, as the reference code).
+        chunk: candidates evaluated in one batched call (default 0 = 1 on CPU, where batching measured
+            slower, and a memory budget on GPU).
+        device: where the search runs (default: the model's device).
         weight / act: formats assumed in the loss (default: the recipe's).
 
     Shapes:
@@ -200,9 +213,10 @@ class OSPlus(QuantMethod):
     floor: float = 1.0
     max_candidates: int = 400
     batches: int | None = None
-    max_tokens: int = 4096
-    search: Literal["grid", "coarse"] = "grid"
+    max_tokens: int = 2048
+    search: Literal["grid", "coarse"] = "coarse"
     chunk: int = 0
+    device: str | None = None
     weight: str | None = None
     act: str | None = None
     transform: ClassVar[bool] = True
@@ -290,23 +304,29 @@ class OSPlus(QuantMethod):
             act_fn = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
             if act_fn is not None and (len(mods) == 1 or names[0].startswith("gate")):
                 role, attn = "swiglu", {"act_fn": act_fn}
+        dev = torch.device(self.device) if self.device else next(model.parameters()).device
+        weights = [w.to(dev) for w in weights]
+        biases = [b.to(dev) if b is not None else None for b in biases]
+        c, z_cols = c.to(dev), z_cols.to(dev)
+        masks = [m_.to(dev) for m_ in st.masks]
+        if attn.get("pe"):
+            attn["pe"] = [tuple(t_.to(dev) for t_ in pe) if pe else None for pe in attn["pe"]]
         xs, targets = [], []
-        p0 = Problem([], st.masks, [], weights, biases, role, c, wfmt, afmt, attn)
+        p0 = Problem([], masks, [], weights, biases, role, c, wfmt, afmt, attn)
         for b, x in enumerate(st.cached):
+            x = x.to(dev)
             targets.append(p0.block(x[None], [w[None] for w in weights], b)[0])  # (B, T, O')
             xs.append(x - z_cols)
         if z is not None:  # the consumers' biases absorb W z
             biases = [bb + w @ z_cols if bb is not None else None for bb, w in zip(biases, weights, strict=True)]
-        return Problem(xs, st.masks, targets, weights, biases, role, c, wfmt, afmt, attn), z
+        return Problem(xs, masks, targets, weights, biases, role, c, wfmt, afmt, attn), z
 
     def _chunk(self, p: Problem) -> int:
         if self.chunk:
             return self.chunk
-        bt = max(x.shape[0] * x.shape[1] for x in p.xs)
-        width = max(p.xs[0].shape[-1], sum(w.shape[0] for w in p.weights))
-        if p.role == "attn":
-            width = max(width, p.attn["heads"] * max(x.shape[1] for x in p.xs))
-        return max(1, min(64, (1 << 24) // max(1, bt * width)))
+        if p.c.device.type == "cpu":  # measured: batching candidates is slower than one at a time on CPU
+            return 1
+        return budget_chunk(p)
 
     @torch.no_grad()
     def _fold_group(self, model: nn.Module, mm: ModelMap, g: Group, st: ChannelStats, wfmt: Format | None,
@@ -315,11 +335,11 @@ class OSPlus(QuantMethod):
         ts = candidates(p.c, self.floor, self.max_candidates)
         best, losses = search_vectorized(p, ts, self._chunk(p), self.search)
         t = float(ts[best])
-        s_rows = tie_reduce(p.scales(t).double(), g, "amax")
+        s_rows = tie_reduce(p.scales(t).double().cpu(), g, "amax")
         fold_(model, g, s_rows, z)
         return LayerRecord(g.name, "os_plus", {
             "loss": p.role, "shift": z is not None, "candidates": len(ts), "t": t, "T": float(ts[0]),
             "s_max": float(s_rows.max()), "channels_scaled": int((s_rows > 1).sum()),
             "absmax_before": float(torch.maximum(st.max.abs(), st.min.abs()).max()),
-            "absmax_after": float((p.c / p.scales(t)).max()),
+            "absmax_after": float((p.c / p.scales(t)).max()), "search": self.search,
             "best_loss": float(losses.min()) if math.isfinite(float(losses.min())) else None})
