@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("outlierkit.llm.commands.quantize", "quantize a model with a recipe (RTN, SmoothQuant, OS+, ...)"),
     "eval": ("outlierkit.llm.commands.eval", "perplexity / embedding fidelity of a float or quantized model"),
     "compare": ("outlierkit.llm.commands.compare", "evaluate several recipes on the same data in one table"),
+    "plan": ("outlierkit.llm.commands.plan", "choose per-layer method and precision for a target, verified"),
     "graph": ("outlierkit.graph.cli", "graph-level anomaly detection with RQGNN (fit, score, bench)"),
     "hex": ("outlierkit.diffusion.cli", "masked-diffusion sampling and HEX test-time scaling"),
     "report": ("outlierkit.commands_report", "show a report.json or compare the metrics of two reports"),

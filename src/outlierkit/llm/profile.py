@@ -63,11 +63,13 @@ class Site:
     half: bool = False
 
 
-def discover_sites(model: nn.Module, mm: ModelMap, level: str = "default") -> list[Site]:
-    """Sites present in ``model`` for ``level`` (``basic`` < ``default`` < ``full``)."""
+def discover_sites(model: nn.Module, mm: ModelMap, level: str = "default",
+                   kinds: Sequence[str] | None = None) -> list[Site]:
+    """Sites present in ``model`` for ``level`` (``basic`` < ``default`` < ``full``), optionally only
+    those of the given ``kinds`` (e.g. ``("linear_in",)`` for spike selection)."""
     if level not in _LEVEL_KINDS:
         raise ConfigError(f"unknown --level {level!r}; valid: {list(LEVELS)}")
-    kinds = set(_LEVEL_KINDS[level])
+    kinds = set(_LEVEL_KINDS[level]) if kinds is None else set(kinds)
     spec = mm.spec
     sites: list[Site] = []
 
@@ -359,6 +361,7 @@ class ProfileOptions:
 
     Args:
         level: ``basic|default|full`` (default ``default``).
+        kinds: only sites of these kinds (any level's kinds, e.g. ``("linear_in",)``); None: the level's.
         batch_size: samples per forward (8).
         hist_stride: the histogram (quantiles), kurtosis and mean|x| use every ``hist_stride``-th valid
             token; everything else uses all tokens. ``None``: 8 at basic/default, 1 (exact) at full.
@@ -371,6 +374,7 @@ class ProfileOptions:
     level: str = "default"
     batch_size: int = 8
     hist_stride: int | None = None
+    kinds: tuple[str, ...] | None = None
     massive_abs: float = 100.0
     massive_ratio: float = 1000.0
     calib_fraction: float = 1 / 3
@@ -411,7 +415,7 @@ def profile_model(
     if not 0 <= opt.calib_fraction < 1:
         raise ConfigError("calib_fraction must be in [0, 1)")
     device = next(model.parameters()).device
-    sites = discover_sites(model, mm, opt.level)
+    sites = discover_sites(model, mm, opt.level, opt.kinds)
     if not sites:
         raise ConfigError(f"no sites found at level {opt.level!r} for {mm.spec.name}")
     n_cal = int(len(corpus) * opt.calib_fraction) if opt.calib_fraction > 0 else 0
