@@ -80,6 +80,10 @@ class Int8Linear(nn.Module):
         x (..., in) -> (..., out).
     """
 
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, threshold: float | None = None,
                  real: bool = True, name: str = "") -> None:
         super().__init__()

@@ -69,13 +69,13 @@ def discover_sites(model: nn.Module, mm: ModelMap, level: str = "default",
     those of the given ``kinds`` (e.g. ``("linear_in",)`` for spike selection)."""
     if level not in _LEVEL_KINDS:
         raise ConfigError(f"unknown --level {level!r}; valid: {list(LEVELS)}")
-    kinds = set(_LEVEL_KINDS[level]) if kinds is None else set(kinds)
+    wanted = set(_LEVEL_KINDS[level]) if kinds is None else set(kinds)
     spec = mm.spec
     sites: list[Site] = []
 
     def add(name: str, kind: str, layer: int, fqn: str, capture: Literal["output", "input"] = "output",
             half: bool = False) -> None:
-        if kind in kinds and fqn and has_attr(model, fqn):
+        if kind in wanted and fqn and has_attr(model, fqn):
             sites.append(Site(name, kind, layer, fqn, capture, half))
 
     add("embedding", "embedding", -1, mm.embed)
@@ -93,7 +93,7 @@ def discover_sites(model: nn.Module, mm: ModelMap, level: str = "default",
             add(f"layer_{i}.gate", "gate", i, mm.fqn(i, spec.gate_up), half=True)
         if spec.down:
             add(f"layer_{i}.down_in", "down_in", i, mm.fqn(i, spec.down), capture="input")
-        if "linear_in" in kinds:
+        if "linear_in" in wanted or "linear_out" in wanted:
             for fqn, li in mm.linears.items():
                 if li == i and is_linear(get_attr(model, fqn)):
                     add(f"{fqn}:in", "linear_in", i, fqn, capture="input")
