@@ -143,3 +143,12 @@ def test_auc_floor_full_protocol(shared_tu, name, floor):
     aucs = [run_one(make_task(DataConfig(name, str(shared_tu), label, ratio, seed=s)),
                     RQGNNDetector(seed=s))["auc"] for s in range(3)]
     assert np.mean(aucs) >= floor, aucs
+
+
+@pytest.mark.parametrize("name", ["rqgnn", "gin"])
+def test_same_seed_same_model(name):
+    graphs, y = planted_graphs(40, 0.25, seed=8)
+    a = make_detector(name, epochs=3, batch_size=16, seed=5).fit(graphs, y).decision_function(graphs)
+    b = make_detector(name, epochs=3, batch_size=16, seed=5).fit(graphs, y).decision_function(graphs)
+    c = make_detector(name, epochs=3, batch_size=16, seed=6).fit(graphs, y).decision_function(graphs)
+    assert np.array_equal(a, b) and not np.allclose(a, c)
