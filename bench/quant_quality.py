@@ -33,7 +33,7 @@ def recipes() -> list[dict[str, object]]:
     out: list[dict[str, object]] = [{"name": "FP32", "weight": None, "act": None, "steps": [{"rtn": {}}]}]
     for fname, fmt in FORMATS.items():
         for mname, steps in METHODS.items():
-            out.append({"name": f"{mname} | {fname}", **fmt, "steps": steps})
+            out.append({"name": f"{mname}, {fname}", **fmt, "steps": steps})
     return out
 
 
