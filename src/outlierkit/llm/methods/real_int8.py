@@ -1,0 +1,98 @@
+"""``real_int8``: run the recipe's W8A8 layers with real INT8 weights and integer GEMMs (``Int8Linear``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from outlierkit.llm.formats import Format, IntFormat
+from outlierkit.llm.int8 import Int8Linear, int_mm_available
+from outlierkit.llm.layers import QuantLinear, quant_layers, set_module, unwrapped_fqn
+from outlierkit.llm.methods.base import METHODS, LayerRecord, QuantContext, QuantMethod
+
+
+def real_int8_reason(q: QuantLinear) -> str:
+    """Empty if ``q`` can run as :class:`Int8Linear` exactly as fake-quantized, else why not."""
+    w, a = q.weight_format, q.act_format
+    if q.kind == "experts":
+        return "fused experts (3-D weights)"
+    if q.out_format is not None:
+        return f"output quantized ({q.out_format.label()})"
+
+    def ok(f: Format | None, gran: tuple[str, ...]) -> bool:
+        return (isinstance(f, IntFormat) and f.bits == 8 and f.symmetric and f.granularity in gran
+                and f.dynamic and f.observer == "minmax")
+
+    if not ok(w, ("channel", "token")):
+        return f"weight {w.label() if w else 'float'} is not int8 symmetric per-channel min-max"
+    if not ok(a, ("token",)):
+        return f"activation {a.label() if a else 'float'} is not int8 symmetric dynamic per-token"
+    return ""
+
+
+@METHODS.register("real_int8")
+@dataclass
+class RealInt8(QuantMethod):
+    """Replace fake-quantized W8A8 layers by :class:`~outlierkit.llm.int8.Int8Linear` (a final step).
+
+    A layer qualifies when its weight format is int8 symmetric per-channel (min-max) and its input format
+    int8 symmetric dynamic per-token, with no output quantization: then ``Int8Linear`` computes the same
+    function, y = s_x s_w^T * (Q(x) Q(W)^T) + b, with int8 storage (1 byte per weight + one fp32 scale per
+    output channel, the float weight is dropped) and ``torch._int_mm`` products accumulated in int32; the
+    result equals the fake-quantized layer up to float rounding of the rescale. Other layers (per-tensor
+    or static activations, other bit widths, FP8, experts, q/k/v outputs) stay fake-quantized and are
+    listed in a warning. Place it after ``rtn`` (or ``spike_mp``).
+
+    Args:
+        real: integer GEMM (default True); False runs the same quantized math in float (for checking).
+    """
+
+    real: bool = True
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, ctx: QuantContext) -> list[LayerRecord]:
+        records: list[LayerRecord] = []
+        fallback: list[str] = []
+        device = next(model.parameters()).device
+        if self.real and not int_mm_available(device):
+            ctx.notes.append(f"real_int8: torch._int_mm is unavailable on {device.type}; integer products run "
+                             "through an exact fallback matmul (same results, slower)")
+        wrapped = list(quant_layers(model))
+        if not wrapped:
+            ctx.notes.append("real_int8: no fake-quantized layer to convert; put real_int8 after rtn/spike_mp")
+        for name, q in wrapped:
+            fqn = unwrapped_fqn(name)
+            if q.is_float:
+                continue
+            why = real_int8_reason(q)
+            if why:
+                fallback.append(f"{fqn} ({why})")
+                records.append(LayerRecord(fqn, "real_int8", {"execution": "fake", "reason": why}))
+                continue
+            lin = Int8Linear.from_float(q.inner, real=self.real, name=fqn)
+            set_module(model, name, lin)
+            records.append(LayerRecord(fqn, "real_int8", {
+                "execution": "int8" if self.real else "int8-math-in-float",
+                "weight_bytes": lin.weight_int8.numel() + 4 * lin.weight_scale.numel()}))
+        if fallback:
+            ctx.notes.append(f"real_int8: {len(fallback)} layer(s) stay fake-quantized (no real INT8 kernel for "
+                             f"their formats): " + "; ".join(fallback[:8]) + (" ..." if len(fallback) > 8 else ""))
+        n_real = sum(1 for r in records if r.info.get("execution") != "fake")
+        if n_real:
+            ctx.notes.append(f"real_int8: {n_real} layer(s) run as Int8Linear; the layer_sqnr table lists only the "
+                             "layers still fake-quantized (output_sqnr_db covers the whole model)")
+        return records
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (INT8 weights count one byte each)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
