@@ -197,6 +197,7 @@ def plot_rocs(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], out_d
         ax.legend(fontsize=7, loc="lower right")
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
+    fig.tight_layout()
     save_figure(fig, out_dir, "roc", report)
 
 
