@@ -33,7 +33,7 @@ def _ctx(batches):
 
 def test_registry_lists_methods():
     assert {"rtn", "smoothquant", "os_plus"} <= set(METHODS.names())
-    assert set(TRANSFORMS) == {"smoothquant", "os_plus"}
+    assert {"smoothquant", "os_plus"} <= set(TRANSFORMS)
 
 
 # Building the first model of a family imports its transformers module (seconds each): the core families

@@ -13,7 +13,7 @@ from torch import nn
 from outlierkit._utils import atomic_write_text
 from outlierkit.errors import ModelLoadError
 from outlierkit.llm.formats import parse_format
-from outlierkit.llm.layers import QuantLinear, quant_layers, unwrap_, unwrapped_fqn, wrap_
+from outlierkit.llm.layers import quant_layers, unwrap_, unwrapped_fqn, wrap_
 
 STATE_FILE = "outlierkit_quant.json"
 
