@@ -1,0 +1,260 @@
+"""Export a quantized model in the compressed-tensors format (vLLM, transformers, llm-compressor).
+
+The quantized block linears are written compressed (INT weights as int8 codes + scales
+[+ zero points], FP8 weights as float8_e4m3fn + scales) and described in ``config.json`` by a
+``quantization_config`` with one config group per distinct (weight, input activation) scheme, the
+group's layers named exactly, and an ``ignore`` list of every ``nn.Linear`` kept in high precision
+(spike layers, the LM head). With INT and FP8 groups together the format is ``mixed-precision``
+(quant-anchors 5: "a spike-aware mixed INT8 + FP16/FP8 model is expressible as a mixed-precision format
+config"). Weights are stored on outlierkit's grids exactly; activations are quantized by the serving
+engine at run time with *its* grid (see :func:`export_compressed_tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from outlierkit._utils import atomic_write_text
+from outlierkit.errors import ConfigError
+from outlierkit.llm.formats import FP8_MAX, Format, FP8Format, IntFormat, int_qparams
+from outlierkit.llm.int8 import Int8Linear
+from outlierkit.llm.layers import QuantLinear, set_module, unwrapped_fqn
+
+CT_FORMAT_INT = "int-quantized"
+CT_FORMAT_FP8 = "float-quantized"
+
+# per exported layer: (compressed-tensors format, scheme mapping, compressed tensors)
+LayerExport = tuple[str, dict[str, Any], dict[str, torch.Tensor]]
+
+
+def _strategy(fmt: Format, role: str) -> str:
+    g = fmt.granularity
+    if role == "weights" and g == "token":
+        return "channel"  # per output row of a weight
+    return g
+
+
+def ct_args(fmt: Format, role: str, *, where: str) -> dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` (as a dict) for an outlierkit format.
+
+    Args:
+        role: ``weights`` or ``input_activations``.
+        where: layer name for error messages.
+    """
+    if isinstance(fmt, FP8Format):
+        if fmt.fp8 != "e4m3" or not fmt.scaled:
+            raise ConfigError(f"{where}: {fmt.label()} has no compressed-tensors form (serving engines take scaled "
+                              "FP8 E4M3); use keep: fp8 (E4M3 with scale) or keep: float for these layers")
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": _strategy(fmt, role),
+                "dynamic": role != "weights"}
+    if fmt.granularity == "group" and role != "weights":
+        raise ConfigError(f"{where}: group-wise activation quantization has no compressed-tensors form")
+    args: dict[str, Any] = {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric,
+                            "strategy": _strategy(fmt, role), "dynamic": role != "weights" and fmt.dynamic}
+    if fmt.granularity == "group":
+        args["group_size"] = fmt.group_size
+    if role == "weights" and not fmt.symmetric and fmt.observer != "minmax":
+        raise ConfigError(f"{where}: asymmetric {fmt.observer} weights are not exported (their zero points are "
+                          "not kept); use observer minmax or symmetric weights")
+    return args
+
+
+def _granules(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """(rows, C) -> the view whose last axis one scale covers: (1, N), (rows, C) or (rows, C/G, G)."""
+    if fmt.granularity == "tensor":
+        return w.reshape(1, -1)
+    if fmt.granularity == "group":
+        assert isinstance(fmt, IntFormat) and fmt.group_size is not None
+        return w.reshape(w.shape[0], -1, fmt.group_size)
+    return w
+
+
+def _scale_shape(scale: torch.Tensor, w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    if fmt.granularity == "tensor":
+        return scale.reshape(1)
+    if fmt.granularity == "group":
+        return scale.reshape(w.shape[0], -1)  # (out, in / G)
+    return scale.reshape(w.shape[0], 1)  # (out, 1)
+
+
+@torch.no_grad()
+def compress_weight(w: torch.Tensor, w_hat: torch.Tensor, fmt: Format, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Compressed tensors of one weight on outlierkit's grid: ``weight`` (+ ``weight_scale``,
+    ``weight_zero_point``).
+
+    Args:
+        w: float weight (out, in). w_hat: its fake-quantized value (what the outlierkit model computes with).
+        dtype: the dtype of the scales (the model's float dtype).
+
+    Symmetric grids are recovered from ``w_hat`` (s = max|w_hat| / qmax per granule, exact for min-max and
+    for the clipped MSE ranges), asymmetric ones from the min-max range of ``w``; codes are signed
+    (compressed-tensors stores q - 2^(b-1) and zp - 2^(b-1) for asymmetric grids).
+    """
+    if isinstance(fmt, FP8Format):
+        r = _granules(w.float(), fmt)
+        amax = r.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / FP8_MAX["e4m3"], torch.ones_like(amax))
+        q = (r / scale).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(w.shape)
+        return {"weight": q, "weight_scale": _scale_shape(scale, w, fmt).to(dtype)}
+    assert isinstance(fmt, IntFormat)
+    if fmt.symmetric:
+        r = _granules(w_hat.float(), fmt)
+        scale = r.abs().amax(dim=-1, keepdim=True) / fmt.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(r / scale).clamp(-fmt.qmax, fmt.qmax)
+        out = {"weight": q.reshape(w.shape).to(torch.int8), "weight_scale": _scale_shape(scale, w, fmt).to(dtype)}
+        return out
+    r = _granules(w.float(), fmt)
+    scale, zp = int_qparams(r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True), fmt.bits, False)
+    q = torch.clamp(torch.round(r / scale) + zp, 0, 2**fmt.bits - 1)
+    half = 2 ** (fmt.bits - 1)
+    return {"weight": (q - half).reshape(w.shape).to(torch.int8),
+            "weight_scale": _scale_shape(scale, w, fmt).to(dtype),
+            "weight_zero_point": _scale_shape(zp - half, w, fmt).to(torch.int8)}
+
+
+def _static_input(q: QuantLinear, fmt: IntFormat, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    lo, hi = q.act_range[0]
+    if torch.isnan(lo):
+        raise ConfigError(f"{q.name}: static activation range not calibrated")
+    scale, zp = int_qparams(lo.reshape(1), hi.reshape(1), fmt.bits, fmt.symmetric)
+    out = {"input_scale": scale.to(dtype)}
+    if not fmt.symmetric:
+        out["input_zero_point"] = (zp - 2 ** (fmt.bits - 1)).to(torch.int8)
+    return out
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, LayerExport], dict[str, nn.Module]]:
+    """Per quantized linear: (ct format, scheme dict, compressed tensors); and the float stand-ins to save."""
+    layers: dict[str, LayerExport] = {}
+    standins: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Int8Linear):
+            if mod.threshold is not None:
+                raise ConfigError(f"{name}: LLM.int8() outlier decomposition has no compressed-tensors form; "
+                                  "export a W8A8 recipe (rtn / real_int8) instead")
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.dequantized_weight())
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            standins[name] = lin
+            scheme = {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
+                                  "dynamic": False},
+                      "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                            "dynamic": True}}
+            tensors = {"weight": mod.weight_int8.clone(), "weight_scale": mod.weight_scale.reshape(-1, 1).clone()}
+            layers[name] = (CT_FORMAT_INT, scheme, tensors)
+        elif isinstance(mod, QuantLinear):
+            fqn = unwrapped_fqn(name)
+            standins[name] = mod.inner
+            if mod.is_float:
+                continue
+            if mod.kind != "linear":
+                what = "fused MoE experts (3-D weights)" if mod.kind == "experts" else "GPT-2 Conv1D layers"
+                raise ConfigError(f"{fqn}: {what} have no compressed-tensors form (serving engines expect "
+                                  "nn.Linear); keep them in float with an override or export with `outlierkit "
+                                  "quantize` (fake-quantization state)")
+            if mod.out_format is not None:
+                raise ConfigError(f"{fqn}: quantized q/k/v outputs (qkv_out) are not exported; remove qkv_out")
+            w_fmt, a_fmt = mod.weight_format, mod.act_format
+            scheme = {}
+            w = mod.weight_matrices()[0].detach()
+            dtype = w.dtype
+            if w_fmt is None:
+                raise ConfigError(f"{fqn}: activation-only quantization (float weights) has no compressed-tensors "
+                                  "form; quantize the weights too or keep the layer float")
+            scheme["weights"] = ct_args(w_fmt, "weights", where=fqn)
+            tensors = compress_weight(w, mod.quantized_weights()[0].detach(), w_fmt, dtype)
+            if a_fmt is not None:
+                scheme["input_activations"] = ct_args(a_fmt, "input_activations", where=fqn)
+                if isinstance(a_fmt, IntFormat) and not a_fmt.dynamic:
+                    tensors.update(_static_input(mod, a_fmt, dtype))
+            fmt = CT_FORMAT_FP8 if isinstance(w_fmt, FP8Format) else CT_FORMAT_INT
+            layers[fqn] = (fmt, scheme, tensors)
+    return layers, standins
+
+
+def quantization_config(layers: dict[str, LayerExport], ignore: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` mapping: one config group per distinct scheme, exact layer names."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    groups: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = {}
+    for fqn, (fmt, scheme, _) in layers.items():
+        key = json.dumps([fmt, scheme], sort_keys=True)
+        if key not in keys:
+            keys[key] = f"group_{len(keys)}"
+            groups[keys[key]] = {"targets": [], **scheme, "format": fmt}
+        groups[keys[key]]["targets"].append(fqn)
+    formats = {g["format"] for g in groups.values()}
+    # Every group names its format: compressed-tensors otherwise infers one per scheme (pack-quantized
+    # for weight-only INT), which would not match the tensors written here.
+    top = formats.pop() if len(formats) == 1 else "mixed-precision"
+    cfg = QuantizationConfig.model_validate({"config_groups": groups, "ignore": ignore, "format": top,
+                                             "quantization_status": "compressed"})
+    out: dict[str, Any] = cfg.model_dump(exclude_none=True, mode="json")
+    return out
+
+
+@torch.no_grad()
+def export_compressed_tensors(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
+                              recipe_yaml: str | None = None) -> dict[str, Any]:
+    """Write ``model`` (after ``quantize_``) as a compressed-tensors checkpoint that transformers and vLLM load.
+
+    Quantized ``QuantLinear`` layers (``nn.Linear`` with int or scaled-E4M3 weights) and real
+    ``Int8Linear`` layers are compressed; float wrappers (spike layers kept in high precision, skipped
+    layers) and the LM head go to ``ignore``. Not expressible (``ConfigError``): LLM.int8() decomposition,
+    plain-cast E5M2, q/k/v output quantization, GPT-2 Conv1D and fused-expert layers, activation-only
+    quantization.
+
+    Activation grids: compressed-tensors (and vLLM) quantize dynamic INT8 inputs with s = max|x| / 127.5 on
+    [-128, 127]; outlierkit's fake quantization uses s = max|x| / 127 on [-127, 127]. Weights (and static
+    input scales) are identical; dynamic activations are rounded on grids that differ by 0.4 % in step.
+
+    Returns a summary: config groups, ignore list, bytes of the weights file.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers, standins = _collect(model)
+    if not layers:
+        raise ConfigError("the model has no quantized layer to export; run a recipe first")
+    originals = {name: model.get_submodule(name) for name in standins}
+    for name, m in standins.items():
+        set_module(model, name, m)
+    try:
+        ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers)
+        qcfg = quantization_config(layers, ignore)
+        model.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+    finally:
+        for name, m in originals.items():
+            set_module(model, name, m)
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(out.glob("model*.safetensors"))
+    if len(files) != 1:
+        raise ConfigError(f"expected one model.safetensors in {out}, found {[f.name for f in files]} (sharded "
+                          "checkpoints are not supported by this exporter yet)")
+    sd = load_file(files[0])
+    for fqn, (_, _, tensors) in layers.items():
+        if f"{fqn}.weight" not in sd:
+            raise ConfigError(f"{fqn}.weight is not in the saved state dict; cannot export this model")
+        for k, v in tensors.items():
+            sd[f"{fqn}.{k}"] = v.contiguous()
+    save_file(sd, files[0], metadata={"format": "pt"})
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["quantization_config"] = qcfg
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if recipe_yaml is not None:
+        atomic_write_text(out / "recipe.yaml", recipe_yaml)
+    return {"config_groups": {k: {"targets": len(g["targets"]), "format": g.get("format", qcfg["format"])}
+                              for k, g in qcfg["config_groups"].items()},
+            "ignore": ignore, "format": qcfg["format"], "weights_bytes": files[0].stat().st_size}
