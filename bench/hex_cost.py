@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="also time HEX batched in chunks of this many rows per forward (default: --prompts)")
     args = ap.parse_args(argv)
 
     import torch
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from outlierkit.diffusion.tiny import TINY_TOKENS, TinyConfig, TinyMDM, decode, load_tiny, make_task
 
     model, task, _ = load_tiny(args.model)
-    label = "bundled tiny (0.34M params)"
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    label = f"tiny {task.name} model {args.model or '(bundled)'} ({n_params:.2f}M params)"
     if args.random_size:
         d, L = (int(v) for v in args.random_size.split(","))
         torch.manual_seed(0)
@@ -61,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     def batched() -> None:
         decode_paths(model, prompts, TINY_TOKENS, hc, decode)
 
-    times: dict[str, list[float]] = {"one decode": [], f"{k} sequential decodes": [], f"HEX k={k} batched": []}
-    fns = list(zip(times, (one, sequential, batched), strict=True))
+    chunk = args.chunk or len(ids)
+
+    def chunked() -> None:
+        decode_paths(model, prompts, TINY_TOKENS, replace(hc, batch_rows=chunk), decode)
+
+    names = ["one decode", f"{k} sequential decodes", f"HEX k={k} batched", f"HEX k={k} batched, {chunk}-row chunks"]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    fns = list(zip(names, (one, sequential, batched, chunked), strict=True))
     one()  # warm-up
     for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
         for name, fn in fns:
@@ -76,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} thread(s), median of {args.repeats}\n")
     print("| variant | rows per forward | forwards | wall s (median) | vs one decode | vs k sequential |")
     print("|---|---|---|---|---|---|")
-    rows = {"one decode": (len(ids), args.steps), f"{k} sequential decodes": (len(ids), k * args.steps),
-            f"HEX k={k} batched": (k * len(ids), args.steps)}
+    n_chunks = -(-k * len(ids) // chunk)
+    rows = {names[0]: (len(ids), args.steps), names[1]: (len(ids), k * args.steps),
+            names[2]: (k * len(ids), args.steps), names[3]: (min(chunk, k * len(ids)), n_chunks * args.steps)}
     for n, v in med.items():
         print(f"| {n} | {rows[n][0]} | {rows[n][1]} | {v:.3f} | {v / base:.2f}x | {v / seq:.2f}x |")
     return 0

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     probs = task.heldout(args.n)
     hc = HexConfig(schedules=tuple(args.schedules.split(",")), seeds_per_block=args.seeds_per_block,
                    temperature=args.temperature, gen_length=task.gen_length, steps=args.steps,
-                   extractor="after_hash", seed=args.seed, batch_rows=2048)
+                   extractor="after_hash", seed=args.seed, batch_rows=256)
     cfg = EvalConfig(hex=hc, ks=tuple(int(k) for k in args.ks.split(",")),
                      seeds_per_schedule=tuple(int(s) for s in args.hex_seeds.split(",")),
                      baselines=tuple(b for b in args.baselines.split(",") if b))

@@ -92,7 +92,7 @@ def test_evaluate_hex_matches_hex_generate_and_is_consistent():
     assert hex_row["ci_lo"] <= hex_row["hex_minus_best"] <= hex_row["ci_hi"]
     assert len(rep.tables["examples"]) == 10 and rep.metrics["n_problems"] == 40
     with pytest.raises(ConfigError, match="k\\*s"):
-        evaluate_hex(oracle, prompts, gold, TINY_TOKENS, EvalConfig(hex=hc, ks=(3,), seeds_per_schedule=(1, 3)),
+        evaluate_hex(oracle, prompts, gold, TINY_TOKENS, EvalConfig(hex=hc, ks=(3,), seeds_per_schedule=(2,)),
                      decode)
 
 

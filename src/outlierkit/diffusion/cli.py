@@ -26,7 +26,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to prompts")
     p.add_argument("--schedules", default=None,
                    help="block sizes or names, comma-separated: '8,16,32', '8:margin', 'topk_margin', "
-                        "'random', 'full' (default: tiny 2,4,6,12,24; else 8,16,32,64,128)")
+                        "'random', 'full' (default: the tiny task's, else 8,16,32,64,128)")
     p.add_argument("--temperature", type=float, default=0.9, help="Gumbel temperature (default: 0.9)")
     p.add_argument("--gen-length", type=int, default=None, help="answer length (default: tiny task's, else 256)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length / 2)")
@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(200, steps/10))")
     t.add_argument("--init-from", default=None, help="continue from this tiny checkpoint (fresh optimizer)")
+    t.add_argument("--prefix-frac", type=float, default=0.0,
+                   help="share of rows with a visible answer prefix (semi-AR masking; default: 0)")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
 
     e = sub.add_parser("eval", help="accuracy of each schedule, same-compute votes and HEX, with paired CIs")
@@ -97,7 +99,7 @@ def _train(args: Any) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--steps and --batch-size must be positive")
     cfg = TrainConfig(task=args.task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, threads=args.threads, init_from=args.init_from,
+                      seed=args.seed, threads=args.threads, init_from=args.init_from, prefix_frac=args.prefix_frac,
                       warmup=args.warmup if args.warmup is not None else min(200, max(1, args.steps // 10)))
     with staged_output(args.out, force=args.force) as stage:
         model, task, hist = train_tiny(cfg, on_log=lambda s, l: log(f"step {s}/{cfg.steps} loss {l:.4f}"))
@@ -144,7 +146,7 @@ class _Loaded:
             self.shift = False
             self.device: Any = None
             self.gen_default, self.sched_default, self.extractor_default = (
-                self.task.gen_length, "2,4,6,12,24", "after_hash")
+                self.task.gen_length, ",".join(self.task.default_schedules), "after_hash")
         else:
             from outlierkit.diffusion.hf import hf_forward, load_hf_model
 

@@ -235,7 +235,8 @@ class EvalConfig:
         hex: the decode settings; ``hex.schedules`` is the pool and ``hex.seeds_per_block`` the seeds
             decoded per schedule (>= the largest HEX path count, so same-compute baselines come free).
         ks: HEX ensemble sizes k (schedules spread over the pool) (default: (3, 5)).
-        seeds_per_schedule: HEX seeds per schedule s; HEX(k, s) uses k*s paths (default: (1, 3)).
+        seeds_per_schedule: HEX seeds per schedule s; HEX(k, s) uses k*s paths; pairs with k*s above
+            ``hex.seeds_per_block`` are skipped with a warning (default: (1, 3)).
         baselines: schedules decoded greedily alongside, not part of HEX
             (default: ``("topk_margin", "random")``).
         n_boot: bootstrap resamples (default: 10000).
@@ -272,13 +273,16 @@ def evaluate_hex(
     J, S = len(pool), hc.seeds_per_block
     for k in config.ks:
         spread_subset(J, k)
-    bad = [(k, s) for k in config.ks for s in config.seeds_per_schedule if k * s > S]
-    if bad:
-        raise ConfigError(f"HEX(k, s) {bad} needs k*s <= seeds decoded per schedule ({S}) for the "
-                          "same-compute baseline; raise hex.seeds_per_block")
+    combos = [(k, s) for k in config.ks for s in config.seeds_per_schedule if k * s <= S]
+    skipped = [(k, s) for k in config.ks for s in config.seeds_per_schedule if k * s > S]
+    if not combos:
+        raise ConfigError(f"every HEX(k, s) in {skipped} needs k*s <= seeds decoded per schedule ({S}) for "
+                          "the same-compute baseline; raise hex.seeds_per_block")
     extra = parse_schedules(list(config.baselines), hc.gen_length, hc.steps) if config.baselines else []
     gold_n = [EXTRACTORS.get(hc.extractor)(g) or g for g in gold]
     rep = Report(kind="diffusion.hex_eval", config=to_dict(config))
+    if skipped:
+        rep.warn(f"skipped HEX(k, s) {skipped}: k*s exceeds the {S} seeds decoded per schedule")
     t0 = time.perf_counter()
     all_scheds = pool + extra
     greedy_cfg = replace(hc, schedules=tuple(s.label for s in all_scheds), seeds_per_block=1, temperature=0.0)
@@ -307,7 +311,7 @@ def evaluate_hex(
 
     sched_rows: list[dict[str, Any]] = []
     greedy_ok: dict[str, np.ndarray] = {}
-    budgets = sorted({k * s for k in config.ks for s in config.seeds_per_schedule})
+    budgets = sorted({k * s for k, s in combos})
     single_vote_ok: dict[tuple[str, int], np.ndarray] = {}
     for j, lab in enumerate(labels):
         g_ok = correct([g_ans[i][j] for i in range(n)])
@@ -331,31 +335,30 @@ def evaluate_hex(
     rep.add_table("schedules", sched_rows)
 
     hex_rows: list[dict[str, Any]] = []
-    for k in config.ks:
+    for k, s in combos:
         idx = spread_subset(J, k)
-        for s in config.seeds_per_schedule:
-            picks = [(j, t) for j in idx for t in range(s)]
-            votes = [vote(i, picks) for i in range(n)]
-            ok = correct([v.answer for v in votes])
-            b = k * s
-            singles = {labels[j]: single_vote_ok[(labels[j], b)] for j in range(J)}
-            best_lab = max(singles, key=lambda lab: singles[lab].mean())
-            med = statistics.median(float(v.mean()) for v in singles.values())
-            d, lo, hi = paired_bootstrap(ok, singles[best_lab], config.n_boot, seed=hc.seed)
-            best_greedy = max((labels[j] for j in range(J)), key=lambda lab: greedy_ok[lab].mean())
-            dg, glo, ghi = paired_bootstrap(ok, greedy_ok[best_greedy], config.n_boot, seed=hc.seed)
-            hex_rows.append({
-                "k": k, "s": s, "paths": b, "schedules": "+".join(labels[j] for j in idx),
-                "hex_acc": 100 * ok.mean(),
-                "tie_rate": 100 * np.mean([v.tie for v in votes]),
-                "no_answer": 100 * np.mean([v.answer is None for v in votes]),
-                "best_single_same_compute": best_lab,
-                "best_single_acc": 100 * singles[best_lab].mean(),
-                "median_single_acc": 100 * med,
-                "hex_minus_best": 100 * d, "ci_lo": 100 * lo, "ci_hi": 100 * hi,
-                "best_greedy": best_greedy,
-                "hex_minus_best_greedy": 100 * dg, "greedy_ci_lo": 100 * glo, "greedy_ci_hi": 100 * ghi,
-            })
+        picks = [(j, t) for j in idx for t in range(s)]
+        votes = [vote(i, picks) for i in range(n)]
+        ok = correct([v.answer for v in votes])
+        b = k * s
+        singles = {labels[j]: single_vote_ok[(labels[j], b)] for j in range(J)}
+        best_lab = max(singles, key=lambda lab: singles[lab].mean())
+        med = statistics.median(float(v.mean()) for v in singles.values())
+        d, lo, hi = paired_bootstrap(ok, singles[best_lab], config.n_boot, seed=hc.seed)
+        best_greedy = max((labels[j] for j in range(J)), key=lambda lab: greedy_ok[lab].mean())
+        dg, glo, ghi = paired_bootstrap(ok, greedy_ok[best_greedy], config.n_boot, seed=hc.seed)
+        hex_rows.append({
+            "k": k, "s": s, "paths": b, "schedules": "+".join(labels[j] for j in idx),
+            "hex_acc": 100 * ok.mean(),
+            "tie_rate": 100 * np.mean([v.tie for v in votes]),
+            "no_answer": 100 * np.mean([v.answer is None for v in votes]),
+            "best_single_same_compute": best_lab,
+            "best_single_acc": 100 * singles[best_lab].mean(),
+            "median_single_acc": 100 * med,
+            "hex_minus_best": 100 * d, "ci_lo": 100 * lo, "ci_hi": 100 * hi,
+            "best_greedy": best_greedy,
+            "hex_minus_best_greedy": 100 * dg, "greedy_ci_lo": 100 * glo, "greedy_ci_hi": 100 * ghi,
+        })
     rep.add_table("hex", hex_rows)
 
     # Do schedules fail differently? Jaccard overlap of greedy error sets.
@@ -371,8 +374,7 @@ def evaluate_hex(
 
     # Per-problem view for the first problems: each schedule's answers and the vote.
     if hex_rows:
-        k_max = max(config.ks)
-        s_max = max(config.seeds_per_schedule)
+        k_max, s_max = max(combos)
         idx = spread_subset(J, k_max)
         examples = []
         for i in range(min(n, 10)):

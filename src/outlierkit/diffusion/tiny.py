@@ -66,6 +66,8 @@ class Task:
     name: str = "task"
     prompt_len: int = 0
     gen_length: int = 0
+    #: block sizes that divide ``gen_length`` with ``gen_length / 2`` steps (2 tokens per step)
+    default_schedules: tuple[str, ...] = ()
 
     def sample_train(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` training pairs drawn from the training split: prompts (n, P) and responses (n, G)."""
@@ -107,6 +109,7 @@ class ParityChain(Task):
     prompt_len: int = 14
     gen_length: int = 24
     holdout_mod: int = 4
+    default_schedules: tuple[str, ...] = ("2", "4", "6", "12", "24")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_bits <= self.max_bits or self.prompt_len < self.max_bits + 2:
@@ -185,6 +188,98 @@ class ParityChain(Task):
             raise ConfigError(f"parity-chain prompts are {self.min_bits}..{self.max_bits} bits like "
                               f"'0110=', got {text!r}")
         return tuple(self._pair(bits)[0])
+
+
+@TASKS.register("pointer-chase")
+@dataclass(frozen=True)
+class PointerChase(Task):
+    """Follow a random function on digits: ``s1 = f(s), s2 = f(s1), ...``, then the last node after ``####``.
+
+    Prompt ``<bos> f(0)..f(9) ; s =``; response ``s1..sk #### sk <eos>...``. Each step is a lookup that needs
+    the previous node, so decoding a node before its left neighbour is a guess. A problem is held out when a
+    fixed hash of its prompt is divisible by ``holdout_mod``; training never sees it.
+
+    Args:
+        min_hops: shortest chain (default: 4). max_hops: longest chain (default: 8).
+        gen_length: response length, EOS-padded (default: 16). holdout_mod (default: 4).
+    """
+
+    name: str = "pointer-chase"
+    min_hops: int = 4
+    max_hops: int = 8
+    prompt_len: int = 14
+    gen_length: int = 16
+    holdout_mod: int = 4
+    default_schedules: tuple[str, ...] = ("2", "4", "8", "16")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_hops <= self.max_hops or self.gen_length < self.max_hops + 5:
+            raise ConfigError(f"pointer-chase: need 1 <= min_hops <= max_hops <= gen_length - 5, got {self}")
+
+    def _draw(self, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = torch.randint(0, 10, (m, 10), generator=gen)  # (m, 10)
+        start = torch.randint(0, 10, (m,), generator=gen)
+        k = torch.randint(self.min_hops, self.max_hops + 1, (m,), generator=gen)
+        return f, start, k
+
+    def _encode(self, f: torch.Tensor, start: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, d0 = f.shape[0], _INDEX["0"]
+        prompts = torch.full((m, self.prompt_len), PAD)
+        prompts[:, 0] = BOS
+        prompts[:, 1:11] = f + d0
+        prompts[:, 11] = _INDEX[";"]
+        prompts[:, 12] = start + d0
+        prompts[:, 13] = _INDEX["="]
+        nodes = torch.empty(m, self.max_hops, dtype=torch.long)
+        cur = start
+        for j in range(self.max_hops):
+            cur = f.gather(1, cur[:, None]).squeeze(1)
+            nodes[:, j] = cur
+        rows = torch.arange(m)
+        live = torch.arange(self.max_hops)[None, :] < k[:, None]
+        resps = torch.full((m, self.gen_length), EOS)
+        resps[:, :self.max_hops] = torch.where(live, nodes + d0, EOS)
+        for j in range(4):
+            resps[rows, k + j] = _INDEX["#"]
+        resps[rows, k + 4] = nodes[rows, k - 1] + d0
+        return prompts, resps
+
+    def _held(self, prompts: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(prompts.shape[0], dtype=torch.long)
+        for j in range(prompts.shape[1]):
+            h = (h * 1_000_003 + prompts[:, j] * 7919 + j) % 2_147_483_647
+        return h % self.holdout_mod == 0
+
+    def sample_train(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        f, start, k = self._draw(2 * n + 16, generator)
+        prompts, resps = self._encode(f, start, k)
+        keep = (~self._held(prompts)).nonzero().squeeze(1)[:n]
+        if len(keep) < n:
+            return self.sample_train(n, generator)
+        return prompts[keep], resps[keep]
+
+    def heldout(self, n: int, seed: int = 1234) -> list[Problem]:
+        gen = torch.Generator().manual_seed(seed)
+        out: list[Problem] = []
+        seen: set[tuple[int, ...]] = set()
+        while len(out) < n:
+            f, start, k = self._draw(4 * n, gen)
+            prompts, resps = self._encode(f, start, k)
+            for i in self._held(prompts).nonzero().squeeze(1).tolist():
+                key = tuple(prompts[i].tolist())
+                if key in seen or len(out) >= n:
+                    continue
+                seen.add(key)
+                out.append(Problem(key, decode(resps[i]).split("####")[1], decode(prompts[i])))
+        return out
+
+    def prompt_from_text(self, text: str) -> tuple[int, ...]:
+        t = text.strip().rstrip("=")
+        fs, _, st = t.partition(";")
+        if len(fs) != 10 or not fs.isdigit() or len(st) != 1 or not st.isdigit():
+            raise ConfigError(f"pointer-chase prompts look like '3817450926;4=' (f(0..9);start), got {text!r}")
+        prompt = [BOS] + encode(fs + ";" + st + "=")
+        return tuple(prompt + [PAD] * (self.prompt_len - len(prompt)))
 
 
 def _holdout_hash(k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -285,6 +380,9 @@ class TrainConfig:
         eps: smallest masking ratio t (default: 1e-3). seed (default: 0). threads: torch threads (default: 1).
         model: sizes (default: :class:`TinyConfig`).
         init_from: continue from this tiny checkpoint's weights (fresh optimizer) (default: None).
+        prefix_frac: share of each batch masked "semi-AR style": a random answer prefix stays visible and
+            the rest is masked with probability t. Not in the LLaDA recipe; it teaches left-to-right rules
+            that uniform masking leaves unlearned on the parity chain in a short budget (default: 0.0).
     """
 
     task: str = "parity-chain"
@@ -299,17 +397,23 @@ class TrainConfig:
     threads: int = 1
     model: TinyConfig = field(default_factory=TinyConfig)
     init_from: str | None = None
+    prefix_frac: float = 0.0
 
 
 def masked_diffusion_loss(model: nn.Module, prompts: torch.Tensor, resps: torch.Tensor,
-                          generator: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
+                          generator: torch.Generator, eps: float = 1e-3, prefix_frac: float = 0.0) -> torch.Tensor:
     """LLaDA SFT loss: mask each response token w.p. t, weight CE by 1/t, normalise by B x G.
 
+    With ``prefix_frac > 0`` that share of rows keeps a random answer prefix visible (masking only after it).
     Shapes: prompts (B, P), resps (B, G) -> scalar.
     """
     B, G = resps.shape
     t = eps + (1 - eps) * torch.rand(B, 1, generator=generator)  # (B, 1)
     masked = torch.rand(B, G, generator=generator) < t  # (B, G)
+    if prefix_frac > 0:
+        cut = torch.randint(0, G, (B, 1), generator=generator)  # (B, 1)
+        semi = torch.rand(B, 1, generator=generator) < prefix_frac  # (B, 1)
+        masked = masked & (~semi | (torch.arange(G)[None, :] >= cut))
     noisy = torch.where(masked, torch.full_like(resps, MASK), resps)
     logits = model(torch.cat([prompts, noisy], dim=1))[:, prompts.shape[1]:]  # (B, G, V)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), resps.reshape(-1), reduction="none")
@@ -349,7 +453,7 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
     model.train()
     for step in range(cfg.steps):
         prompts, resps = task.sample_train(cfg.batch_size, gen)
-        loss = masked_diffusion_loss(model, prompts, resps, gen, cfg.eps)
+        loss = masked_diffusion_loss(model, prompts, resps, gen, cfg.eps, cfg.prefix_frac)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
