@@ -260,7 +260,14 @@ def iter_text_windows(tokenizer: Any, documents: Sequence[Document], *, window: 
                       max_windows: int | None = None) -> Iterator[torch.Tensor]:
     """Perplexity protocol: join all text with blank lines, tokenize once, non-overlapping windows."""
     text = "\n\n".join(d.text for d in documents)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the joined text is longer than the model: that is the point here
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    finally:
+        hf_logging.set_verbosity(level)
     n = ids.numel() // window
     if n == 0:
         raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {window}")
