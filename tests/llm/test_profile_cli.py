@@ -247,7 +247,7 @@ def test_module_entry_point():
 
 def test_demo_and_report_commands(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--samples", "6"]) == 0
+    assert main(["demo", "--out", str(out), "--samples", "6", "--no-quantize"]) == 0
     text = capsys.readouterr().out
     assert "Largest activations" in text and "Outlier channels" in text
     assert (out / "report.md").exists()
