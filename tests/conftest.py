@@ -11,4 +11,6 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ.get("OUTLIERKIT_TEST_THREADS", "2")))
+# One thread by default: the fixtures are small tensors, where a second thread costs more than it gives,
+# and CI machines have 2 cores shared with other processes.
+torch.set_num_threads(int(os.environ.get("OUTLIERKIT_TEST_THREADS", "1")))

@@ -8,11 +8,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from outlierkit.errors import DataError, OutputExistsError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -85,6 +86,8 @@ def staged_output(
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load`` restricted to tensors and plain containers (``weights_only=True``)."""
+    import torch
+
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p} does not exist")
