@@ -1,0 +1,389 @@
+"""The precision planner: per layer, which layers keep high precision and which transform runs, for a target.
+
+Given a model, calibration and held-out data, the recipe's formats and a target (a maximum loss of
+quality, or an average weight-bit budget), the planner
+
+1. profiles the linear inputs (spike ratio max|x| / median|x|, as ``spike_mp``),
+2. applies each candidate transform (``rtn`` = none, ``smoothquant``, ``os_plus``) once to a copy of the
+   float model, quantizes it with the recipe's formats and ranks the block linears by their measured
+   output SQNR (lowest first: the layers the format hurts most; ties broken by the spike ratio),
+3. finds, per transform, the fewest top-ranked layers to keep in float that meet the loss target
+   (binary search on the ranked prefix, every probe evaluated on held-out data), or the lowest loss
+   within the bit budget,
+4. picks the transform that needs the fewest high-precision layers (then the lower loss), and
+5. verifies the written recipe end to end with ``quantize_`` on a fresh copy and evaluates it.
+
+It also measures the *uniform* alternatives: the plain recipe (no layer kept) and keeping whole
+projection types (all ``down_proj``, all ``o_proj``, ...) in float, worst type first, until the target
+is met, so that the report shows how many high-precision layers the per-layer plan saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from outlierkit._utils import log
+from outlierkit.errors import ConfigError
+from outlierkit.llm.corpus import Batch
+from outlierkit.llm.evaluate import EvalData
+from outlierkit.llm.formats import Format
+from outlierkit.llm.recipe import CalibConfig, Recipe, Step, layer_sqnr, quantize_
+
+TRANSFORMS = ("rtn", "smoothquant", "os_plus")
+FLOAT_BITS = 16.0  # a kept layer is served in BF16/FP16
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """What the plan must achieve (exactly one of the two).
+
+    Args:
+        max_loss: maximum loss of quality against the float model on held-out data, in the planner's
+            metric: ``ppl`` the relative perplexity increase ppl_q / ppl_f - 1 (0.01 = +1 %), ``top1``
+            1 - agreement with the float model's predictions, ``cos`` 1 - mean embedding cosine
+            (0.001 = cos >= 0.999).
+        bits: average bits per block-linear weight (quantized layers count the weight format's bits,
+            kept layers 16), e.g. 8.5 for W8 with a few BF16 layers.
+    """
+
+    max_loss: float | None = None
+    bits: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.max_loss is None) == (self.bits is None):
+            raise ConfigError("give exactly one target: --max-loss or --bits")
+        if self.max_loss is not None and not self.max_loss >= 0:
+            raise ConfigError(f"--max-loss must be >= 0, got {self.max_loss}")
+        if self.bits is not None and not 1 <= self.bits <= FLOAT_BITS:
+            raise ConfigError(f"--bits must be in [1, 16], got {self.bits}")
+
+    def label(self) -> str:
+        return f"loss <= {self.max_loss:g}" if self.max_loss is not None else f"avg weight bits <= {self.bits:g}"
+
+
+@dataclass
+class Probe:
+    """One evaluated configuration."""
+
+    transform: str
+    kept: list[str]
+    loss: float
+    metrics: dict[str, float]
+    bits: float
+
+    def row(self) -> dict[str, Any]:
+        return {"transform": self.transform, "kept_float": len(self.kept), "loss": self.loss,
+                "avg_weight_bits": self.bits, **{k: v for k, v in self.metrics.items() if k != "eval_tokens"}}
+
+
+@dataclass
+class Plan:
+    """The planner's result: the recipe, per-layer choices and every evaluation made."""
+
+    recipe: Recipe
+    transform: str
+    kept: list[str]
+    loss: float
+    meets_target: bool
+    layers: list[dict[str, Any]]
+    probes: list[Probe] = field(default_factory=list)
+    uniform: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+METRICS = ("auto", "ppl", "top1", "cos")
+
+
+def quality_loss(metrics: dict[str, float], ref: dict[str, float], metric: str) -> float:
+    """``ppl``: relative perplexity increase; ``top1``: 1 - next-token (causal) or neighbour (encoder)
+    agreement with the float model; ``cos``: 1 - mean cosine of the embeddings."""
+    if metric == "ppl":
+        return metrics["ppl"] / ref["ppl"] - 1.0
+    if metric == "top1":
+        return 1.0 - metrics["top1_agree"]
+    return 1.0 - metrics["cos_mean"]
+
+
+@torch.no_grad()
+def measure(model: nn.Module, tokenizer: Any, data: EvalData, metric: str) -> dict[str, float]:
+    """Only what ``metric`` needs (perplexity, or agreement with the float logits, or embedding fidelity)."""
+    from outlierkit.llm.evaluate import embeddings, fidelity, perplexity, token_agreement
+    from outlierkit.llm.recipe import model_outputs
+
+    if metric == "ppl":
+        return {k: v for k, v in perplexity(model, tokenizer, data.documents, window=data.window,
+                                            max_windows=data.max_windows).items() if k != "eval_tokens"}
+    if data.causal:
+        if data.reference is None:
+            data.reference = model_outputs(model, data.batches)
+        assert isinstance(data.reference, list)
+        return token_agreement(model, data.reference, data.batches)
+    emb = embeddings(model, data.batches)
+    if data.reference is None:
+        data.reference = emb
+    assert isinstance(data.reference, torch.Tensor)
+    return fidelity(data.reference, emb)
+
+
+def _transform_step(name: str, params: dict[str, Any] | None = None) -> list[Step]:
+    if name == "rtn":
+        return []
+    if name not in TRANSFORMS:
+        raise ConfigError(f"unknown transform {name!r}; valid: {', '.join(TRANSFORMS)}")
+    if params is None:
+        params = {"folds": ["norm", "attn_v"]} if name == "smoothquant" else {}
+    return [Step(name, dict(params))]
+
+
+def _bits(fmt_bits: int, params: dict[str, int], kept: Sequence[str]) -> float:
+    total = sum(params.values())
+    kept_p = sum(params[n] for n in kept)
+    return (kept_p * FLOAT_BITS + (total - kept_p) * fmt_bits) / total
+
+
+def _weight(model: nn.Module, fqn: str) -> torch.Tensor:
+    mod = model.get_submodule(fqn)
+    w = getattr(mod, "gate_up_proj", None) if getattr(mod, "weight", None) is None else mod.weight
+    assert isinstance(w, torch.Tensor), fqn
+    return w
+
+
+def _proj_type(fqn: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``mlp.down_proj`` (the name without the block index)."""
+    return re.sub(r"^.*?\.\d+\.", "", fqn)
+
+
+class Planner:
+    """Plan a mixed-precision recipe (see the module docstring).
+
+    Args:
+        model: the float model (left unchanged; every probe runs on a copy).
+        tokenizer: for perplexity.
+        calib: calibration batches. eval_data: held-out data (its float reference is filled here).
+        weight / act: formats of the quantized layers (default W8A8: int8-channel / int8-tensor).
+        target: :class:`PlanTarget`.
+        transforms: candidate transforms (default rtn, smoothquant, os_plus).
+        metric: ``auto`` (default: ``ppl`` for causal LMs, ``cos`` for encoders), ``ppl``, ``top1`` or ``cos``.
+        calib_config: the recipe's calibration settings (written into the recipe).
+        profile: a saved activation profile with linear-input sites (default: profile ``calib`` now); only
+            the spike ratios shown in the report and used to break SQNR ties come from it.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, calib: list[Batch], eval_data: EvalData, *,
+                 weight: Format | None, act: Format | None, target: PlanTarget,
+                 transforms: Sequence[str] = TRANSFORMS, metric: str = "auto",
+                 calib_config: CalibConfig | None = None, name: str = "planned",
+                 profile: str | None = None) -> None:
+        if metric not in METRICS:
+            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if metric == "auto":
+            metric = "ppl" if eval_data.causal else "cos"
+        if metric == "ppl" and not eval_data.causal:
+            raise ConfigError("perplexity needs a causal LM; use --metric cos or top1 for encoders")
+        if metric == "cos" and eval_data.causal:
+            raise ConfigError("cos compares embeddings (encoders); use --metric ppl or top1 for causal LMs")
+        self.metric = metric
+        self.profile = profile
+        if not transforms:
+            raise ConfigError("give at least one transform (rtn, smoothquant, os_plus)")
+        for t in transforms:
+            _transform_step(t)
+        if weight is None and act is None:
+            raise ConfigError("the planned formats keep everything float; give --weight and/or --act")
+        self.model, self.tokenizer, self.calib, self.ev = model, tokenizer, calib, eval_data
+        self.weight, self.act, self.target = weight, act, target
+        self.transforms = list(transforms)
+        self.calib_config = calib_config or CalibConfig(min_tokens=1)
+        self.name = name
+        self.probes: list[Probe] = []
+        self.ref = measure(model, tokenizer, eval_data, self.metric)  # also fills the float reference
+        self.fmt_bits = weight.bits if weight is not None and hasattr(weight, "bits") else (8 if weight else 16)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def recipe(self, transform: str, kept: Sequence[str]) -> Recipe:
+        data: dict[str, Any] = {"name": self.name, "weight": self.weight, "act": self.act,
+                                "steps": [{s.method: s.params} for s in _transform_step(transform)] + [{"rtn": {}}],
+                                "overrides": {n: "skip" for n in kept}}
+        r = Recipe.from_dict({k: v for k, v in data.items() if k not in ("weight", "act")})
+        r.weight, r.act, r.calib = self.weight, self.act, self.calib_config
+        return r
+
+    def _evaluate(self, transformed: nn.Module, transform: str, kept: Sequence[str],
+                  params: dict[str, int]) -> Probe:
+        m = copy.deepcopy(transformed)
+        self._rtn(m, kept)
+        metrics = measure(m, self.tokenizer, self.ev, self.metric)
+        p = Probe(transform, list(kept), quality_loss(metrics, self.ref, self.metric), metrics,
+                  _bits(self.fmt_bits, params, kept))
+        self.probes.append(p)
+        return p
+
+    def _rtn(self, m: nn.Module, kept: Sequence[str]) -> None:
+        from outlierkit.llm.methods import QuantContext
+        from outlierkit.llm.methods.base import Override
+        from outlierkit.llm.methods.rtn import RTN
+
+        skips = [Override(n, skip=True) for n in kept]
+        RTN().apply(m, QuantContext(self.calib, self.weight, self.act, overrides=skips))
+
+    def meets(self, loss: float) -> bool:
+        return self.target.max_loss is None or loss <= self.target.max_loss
+
+    # ------------------------------------------------------------------------------------ planning
+    @torch.no_grad()
+    def run(self) -> Plan:
+        from outlierkit.llm.methods.spike_mp import linear_input_spikes
+        from outlierkit.llm.models import resolve
+
+        mm = resolve(self.model, warn=False)
+        spikes = linear_input_spikes(self.model, mm, self.calib, profile=self.profile)
+        names = [n for n in mm.linears if n in spikes]
+        params = {n: int(_weight(self.model, n).numel()) for n in names}
+        per_transform: dict[str, dict[str, Any]] = {}
+        for t in self.transforms:
+            log(f"plan: {t}: transform, per-layer SQNR")
+            tm = copy.deepcopy(self.model)
+            steps = _transform_step(t)
+            touched: set[str] = set()
+            if steps:
+                from outlierkit.llm.methods import QuantContext
+
+                before = {n: _weight(tm, n).detach().clone() for n in names}
+                ctx = QuantContext(self.calib, self.weight, self.act)
+                steps[0].build(f"plan.{t}").apply(tm, ctx)
+                touched = {n for n in names if not torch.equal(before[n], _weight(tm, n))}
+            probe_m = copy.deepcopy(tm)
+            self._rtn(probe_m, [])
+            sqnr = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(probe_m, self.calib).items()}
+            del probe_m
+            ranked = sorted(names, key=lambda n: (sqnr.get(n, math.inf), -spikes[n].ratio))
+            per_transform[t] = {"model": tm, "sqnr": sqnr, "ranked": ranked, "touched": touched}
+            per_transform[t]["best"] = self._search(t, tm, ranked, params)
+        # choose: fewest kept layers meeting the target, then the lowest loss, then the cheaper transform
+        def key(t: str) -> tuple[int, int, float, int]:
+            b: Probe = per_transform[t]["best"]
+            return (0 if self.meets(b.loss) else 1, len(b.kept), b.loss, self.transforms.index(t))
+
+        best_t = min(self.transforms, key=key)
+        best: Probe = per_transform[best_t]["best"]
+        # Verify the written recipe end to end (the transform now sees the skip overrides too).
+        recipe = self.recipe(best_t, best.kept)
+        log(f"plan: verifying {best_t} with {len(best.kept)} layer(s) kept float")
+        m = copy.deepcopy(self.model)
+        check = copy.deepcopy(recipe)
+        check.calib = CalibConfig(min_tokens=1)  # the search already ran on these batches
+        rep = quantize_(m, check, self.calib, baseline=False)
+        final_metrics = measure(m, self.tokenizer, self.ev, self.metric)
+        final_loss = quality_loss(final_metrics, self.ref, self.metric)
+        del m
+        uniform = self._uniform(per_transform[best_t]["model"], best_t, names, per_transform[best_t]["sqnr"],
+                                params)
+        layers = self._explain(names, spikes, per_transform, best_t, best, params)
+        plan = Plan(recipe, best_t, best.kept, final_loss, self.meets(final_loss)
+                    and (self.target.bits is None or best.bits <= self.target.bits + 1e-9),
+                    layers, self.probes, uniform)
+        plan.metrics = {"loss": final_loss, "metric": self.metric, "loss_search": best.loss,
+                        "kept_float": float(len(best.kept)), "layers": float(len(names)),
+                        "avg_weight_bits": best.bits, "output_sqnr_db": rep.metrics["output_sqnr_db"],
+                        **{f"float_{k}": v for k, v in self.ref.items() if k != "eval_tokens"},
+                        **{f"planned_{k}": v for k, v in final_metrics.items() if k != "eval_tokens"}}
+        return plan
+
+    def _search(self, t: str, tm: nn.Module, ranked: list[str], params: dict[str, int]) -> Probe:
+        """Per transform: fewest ranked layers kept that meet the loss target, or the best set within bits."""
+        if self.target.bits is not None:
+            kept: list[str] = []
+            for n in ranked:  # greedy in rank order: take a layer if it still fits in the budget
+                if _bits(self.fmt_bits, params, [*kept, n]) <= self.target.bits + 1e-9:
+                    kept.append(n)
+            return self._evaluate(tm, t, kept, params)
+        p0 = self._evaluate(tm, t, [], params)
+        if self.meets(p0.loss):
+            return p0
+        lo, hi = 0, len(ranked)  # lo fails, hi meets (everything float = the float model)
+        best: Probe | None = None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            p = self._evaluate(tm, t, ranked[:mid], params)
+            if self.meets(p.loss):
+                hi, best = mid, p
+            else:
+                lo = mid
+        if best is None:
+            best = self._evaluate(tm, t, ranked[:hi], params)
+        return best
+
+    def _uniform(self, tm: nn.Module, t: str, names: list[str], sqnr: dict[str, float],
+                 params: dict[str, int]) -> list[dict[str, Any]]:
+        """Uniform alternatives: nothing kept; whole projection types kept (worst mean SQNR first)."""
+        rows = []
+        p0 = next((p for p in self.probes if p.transform == t and not p.kept), None) or \
+            self._evaluate(tm, t, [], params)
+        rows.append({"uniform": f"{t}, every layer quantized", **p0.row(), "meets": self.meets(p0.loss)})
+        if self.target.max_loss is None:
+            return rows
+        types: dict[str, list[str]] = {}
+        for n in names:
+            types.setdefault(_proj_type(n), []).append(n)
+        order = sorted(types, key=lambda ty: sum(min(sqnr.get(n, 1e9), 1e9) for n in types[ty]) / len(types[ty]))
+        kept: list[str] = []
+        chosen: list[str] = []
+        for ty in order:
+            if self.meets(rows[-1]["loss"]):
+                break
+            kept += types[ty]
+            chosen.append(ty)
+            p = self._evaluate(tm, t, kept, params)
+            rows.append({"uniform": f"{t}, keep all {' + '.join(chosen)}", **p.row(), "meets": self.meets(p.loss)})
+        return rows
+
+    def _explain(self, names: list[str], spikes: dict[str, Any], per: dict[str, dict[str, Any]], t: str,
+                 best: Probe, params: dict[str, int]) -> list[dict[str, Any]]:
+        kept = set(best.kept)
+        ranked = per[t]["ranked"]
+        rows = []
+        for n in names:
+            rank = ranked.index(n) + 1
+            row: dict[str, Any] = {"layer": n, "spike_ratio": spikes[n].ratio, "in_absmax": spikes[n].absmax}
+            for tt in self.transforms:
+                row[f"sqnr_db_{tt}"] = per[tt]["sqnr"].get(n)
+            fmt = f"{self.weight.label() if self.weight else 'float'} / {self.act.label() if self.act else 'float'}"
+            if n in kept:
+                row["precision"] = "float (BF16/FP16 when served)"
+                row["method"] = "keep"
+                row["reason"] = (f"rank {rank}/{len(names)} by layer SQNR under {t} "
+                                 f"({per[t]['sqnr'].get(n, float('nan')):.1f} dB, spike ratio {spikes[n].ratio:.0f});"
+                                 f" the target needs the top {len(best.kept)}")
+            else:
+                row["precision"] = fmt
+                row["method"] = t if n in per[t]["touched"] else "rtn"
+                how = (f"scaled by {t}" if n in per[t]["touched"] else
+                       "no fold reaches it" if t != "rtn" else "plain RTN")
+                db = per[t]["sqnr"].get(n, float("nan"))
+                row["reason"] = f"quantized ({how}); rank {rank}/{len(names)}, {db:.1f} dB"
+            row["params"] = params[n]
+            rows.append(row)
+        return rows
+
+
+def plan_report(plan: Plan, target: PlanTarget, config: dict[str, Any]) -> Any:
+    """A :class:`~outlierkit.report.Report` with the plan, per-layer reasons and every evaluation."""
+    from outlierkit.report import Report
+
+    rep = Report(kind="llm.plan", config={**config, "target": target.label(), "recipe": plan.recipe.to_dict()})
+    rep.metrics.update(plan.metrics)
+    rep.metrics["meets_target"] = float(plan.meets_target)
+    rep.add_table("layers", plan.layers)
+    rep.add_table("uniform", plan.uniform)
+    rep.add_table("probes", [p.row() for p in plan.probes])
+    if not plan.meets_target:
+        rep.warn(f"the planned recipe misses the target ({target.label()}): loss {plan.loss:.4g}")
+    return rep
