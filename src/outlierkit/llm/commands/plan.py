@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
         (stage / "recipe.yaml").write_text(plan.recipe.to_yaml(), encoding="utf-8")
         report.artifacts["recipe"] = "recipe.yaml"
         if args.export_ct:
+            import copy
+
             from outlierkit.llm.export_ct import export_compressed_tensors
             from outlierkit.llm.recipe import quantize_
-
-            import copy
 
             check = copy.deepcopy(plan.recipe)
             check.calib = CalibConfig(min_tokens=1)  # the data the plan was verified on
