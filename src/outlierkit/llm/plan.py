@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlierkit._utils import log
+from outlierkit._utils.log import log
 from outlierkit.errors import ConfigError
 from outlierkit.llm.corpus import Batch
 from outlierkit.llm.evaluate import EvalData
