@@ -159,3 +159,19 @@ def test_must_come_before_rtn(llama, batches):
     m = copy.deepcopy(llama)
     with pytest.raises(ConfigError, match="before rtn"):
         quantize_(m, {**W8A8, "steps": [{"rtn": {}}, {"spike_mp": {}}]}, batches, baseline=False)
+
+
+def test_bundled_recipe_with_separate_rtn_step(llama, batches):
+    from pathlib import Path
+
+    from outlierkit.llm.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "spike_mp.yaml")
+    recipe.calib = type(recipe.calib)(min_tokens=64)
+    assert [s.method for s in recipe.steps] == ["spike_mp", "rtn"]
+    m = copy.deepcopy(llama)
+    rep = quantize_(m, recipe, batches, baseline=False)
+    sel = _selected(rep)
+    rows = [r for r in rep.tables["transforms"] if r.get("method") == "spike_mp"]
+    assert sorted(sel) == sorted(r["layer"] for r in rows if r["spike_ratio"] >= 100)
+    assert sorted(n for n, q in m.named_modules() if isinstance(q, QuantLinear) and q.is_float) == sorted(sel)
