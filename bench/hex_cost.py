@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from outlierkit.diffusion.hex import HexConfig, decode_paths
     from outlierkit.diffusion.sampler import SamplerConfig, generate
-    from outlierkit.diffusion.tiny import TINY_TOKENS, TinyConfig, TinyMDM, decode, load_tiny, make_task
+    from outlierkit.diffusion.tiny import TINY_TOKENS, TinyConfig, TinyMDM, decode, load_tiny
 
     model, task, _ = load_tiny(args.model)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = TinyMDM(TinyConfig(d_model=d, n_layers=L, n_heads=max(1, d // 64), d_ff=4 * d)).eval()
         label = f"random TinyMDM d={d} L={L} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
-    task = task or make_task("parity-chain")
     prompts = [list(p.prompt_ids) for p in task.heldout(args.prompts, seed=99)]
     ids = torch.tensor(prompts)
     blocks = [int(b) for b in args.schedules.split(",")]

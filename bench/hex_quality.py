@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         _plot_eval(rep, stage)
         rep.save(stage)
     tok_per_step = task.gen_length // args.steps
-    print(f"## HEX quality: tiny parity-chain, n={args.n} held-out, gen {task.gen_length}, {args.steps} steps "
+    print(f"## HEX quality: tiny {task.name}, n={args.n} held-out, gen {task.gen_length}, {args.steps} steps "
           f"({tok_per_step} tokens/step), T={args.temperature}, {args.threads} thread(s), "
           f"{rep.metrics['wall_seconds']:.0f} s\n")
     print("### Each schedule (accuracy %)\n")

@@ -13,8 +13,8 @@ from outlierkit.diffusion.tiny import TINY_TOKENS, decode, load_tiny
 torch.set_num_threads(1)
 model, task, meta = load_tiny()  # trained with: meta["command"]
 problems = task.heldout(4, seed=5)
-config = HexConfig(schedules=("2", "4", "6", "12", "24"), seeds_per_block=3, temperature=0.9,
-                   gen_length=task.gen_length, steps=12, extractor="after_hash")
+config = HexConfig(schedules=task.default_schedules, seeds_per_block=3, temperature=0.9,
+                   gen_length=task.gen_length, steps=task.gen_length // 2, extractor="after_hash")
 result = hex_generate(model, [list(p.prompt_ids) for p in problems], TINY_TOKENS, config, decode)
 for i, p in enumerate(problems):
     print(f"{p.text}  gold {p.answer}")

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="{train-tiny,eval,generate}")
     t = sub.add_parser("train-tiny", help="train the tiny masked-diffusion model on a synthetic task")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
-    t.add_argument("--task", default="parity-chain", help="registered tiny task (default: parity-chain)")
+    t.add_argument("--task", default="pointer-chase", help="registered tiny task (default: pointer-chase)")
     t.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
     t.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
@@ -91,7 +91,8 @@ def _train(args: Any) -> int:
     import shlex
     import sys
 
-    from outlierkit._utils import log, staged_output
+    from outlierkit._utils import staged_output
+    from outlierkit._utils.log import log
     from outlierkit.config import to_dict
     from outlierkit.diffusion.tiny import TrainConfig, save_tiny, train_tiny
     from outlierkit.report import Report, new_figure, save_figure
@@ -205,8 +206,9 @@ def _read_jsonl(path: str, n: int) -> tuple[list[str], list[str]]:
 
 
 def _eval(args: Any) -> int:
-    from outlierkit._utils import log, staged_output
+    from outlierkit._utils import staged_output
     from outlierkit._utils.io import check_output
+    from outlierkit._utils.log import log
     from outlierkit.diffusion.hex import EvalConfig, evaluate_hex
     from outlierkit.diffusion.tiny import make_task
 
@@ -227,7 +229,7 @@ def _eval(args: Any) -> int:
     log(f"decoding {len(prompts)} problems x {len(hc.schedules)} schedules x {hc.seeds_per_block} seeds")
     rep = evaluate_hex(m.model, prompts, gold, m.tokens, cfg, m.decode, max_context=m.max_context,
                        device=m.device, on_batch=lambda d, t: log(f"paths {d}/{t}"))
-    rep.config["model"] = args.model or "bundled tiny parity-chain"
+    rep.config["model"] = args.model or "bundled tiny pointer-chase"
     with staged_output(args.out, force=args.force) as stage:
         _plot_eval(rep, stage)
         rep.save(stage)

@@ -374,7 +374,7 @@ class TrainConfig:
     """Training recipe for :func:`train_tiny` (LLaDA SFT loss; AdamW, warm-up then cosine).
 
     Args:
-        task: registered task name (default: ``"parity-chain"``).
+        task: registered task name (default: ``"pointer-chase"``).
         steps: optimizer steps (default: 2000). batch_size (default: 128). lr (default: 2e-3).
         warmup: linear warm-up steps (default: 200). weight_decay (default: 0.01). clip (default: 1.0).
         eps: smallest masking ratio t (default: 1e-3). seed (default: 0). threads: torch threads (default: 1).
@@ -385,7 +385,7 @@ class TrainConfig:
             that uniform masking leaves unlearned on the parity chain in a short budget (default: 0.0).
     """
 
-    task: str = "parity-chain"
+    task: str = "pointer-chase"
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
@@ -473,7 +473,7 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
 
 # ----------------------------------------------------------------------------------------- save / load
 
-BUNDLED = Path(__file__).parent / "checkpoints" / "parity-chain"
+BUNDLED = Path(__file__).parent / "checkpoints" / "pointer-chase"
 
 
 def save_tiny(model: TinyMDM, task: Task, out_dir: str | Path, meta: dict[str, Any] | None = None) -> None:
@@ -506,7 +506,7 @@ def is_tiny_dir(path: str | Path) -> bool:
 
 
 def load_tiny(path: str | Path | None = None) -> tuple[TinyMDM, Task, dict[str, Any]]:
-    """Load a tiny checkpoint directory (default: the bundled parity-chain model)."""
+    """Load a tiny checkpoint directory (default: the bundled pointer-chase model)."""
     from safetensors.torch import load_file
 
     p = Path(path) if path is not None else BUNDLED
