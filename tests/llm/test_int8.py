@@ -133,3 +133,24 @@ def test_llm_int8_fused_experts_reported():
     m2 = tiny_model("mixtral")
     recs = LLMInt8(experts="int8").apply(m2, QuantContext([]))
     assert any(isinstance(x, QuantLinear) and x.kind == "experts" for x in m2.modules())
+
+
+def test_real_int8_step_without_int_mm_notes_and_still_matches(monkeypatch):
+    from outlierkit.llm.methods import QuantContext
+    from outlierkit.llm.methods.real_int8 import RealInt8
+    from outlierkit.llm.methods.rtn import RTN
+
+    torch.manual_seed(3)
+    m = tiny_model("llama", plant=False)
+    ctx = QuantContext([], parse_format("int8-channel"), parse_format("int8-token"))
+    RTN().apply(m, ctx)
+    ids = torch.randint(1000, 5000, (2, 12))
+    with torch.no_grad():
+        fake = m(input_ids=ids).logits
+    monkeypatch.setitem(int8_mod._INT_MM_OK, "cpu", False)
+    with pytest.warns(UserWarning, match="unavailable"):
+        RealInt8().apply(m, ctx)
+    assert any("unavailable" in n for n in ctx.notes)
+    with torch.no_grad():
+        real = m(input_ids=ids).logits
+    assert float((real - fake).abs().max()) < 1e-4 * float(fake.abs().max())
