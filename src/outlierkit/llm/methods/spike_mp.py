@@ -121,6 +121,11 @@ class SpikeMP(QuantMethod):
     scale s = amax / 448 for weight and input; ``fp8-e5m2``: the reference code's direct cast to E5M2 and
     back, no scale (values beyond 57344 saturate).
 
+    Candidates are the block linears with a ``linear_in`` profile site (``nn.Linear`` and GPT-2 ``Conv1D``);
+    fused MoE experts (3-D weights) are never selected and get the recipe's formats. A ``profile`` loaded
+    from disk describes the model it was taken on: with a transform earlier in the recipe, profile now
+    (the default) instead.
+
     Args:
         select: ``ratio`` (default), ``absmax``, ``topk``, ``list`` or ``random``.
         threshold: for ``ratio``/``absmax`` and for sizing ``random`` (default 100, the anchors' TRSH).
