@@ -89,6 +89,12 @@ def test_int8_weights_are_stored_as_int8(llama, batches, tok, tmp_path):
     w = "model.layers.1.mlp.down_proj.weight"
     assert a[w].dtype == torch.int8 and torch.equal(a[w], b[w])
     assert torch.allclose(a[w + "_scale"], b[w + "_scale"], rtol=1e-6)
+    # the saved file shrinks by ~3 bytes per block-linear weight (fp32 -> int8, plus one scale per row)
+    llama.save_pretrained(tmp_path / "float")
+    n = sum(v.numel() for k, v in a.items() if v.dtype == torch.int8)
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("float", "fake")}
+    saved = size["float"] - size["fake"]
+    assert 3 * n - 4 * 14 * 256 <= saved <= 3 * n
 
 
 def _ct_grid_reference(m):
