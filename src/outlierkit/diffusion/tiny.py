@@ -222,6 +222,8 @@ class PointerChase(Task):
         k = torch.randint(self.min_hops, self.max_hops + 1, (m,), generator=gen)
         return f, start, k
 
+    show_hops: bool = False
+
     def _encode(self, f: torch.Tensor, start: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, d0 = f.shape[0], _INDEX["0"]
         prompts = torch.full((m, self.prompt_len), PAD)
@@ -229,7 +231,12 @@ class PointerChase(Task):
         prompts[:, 1:11] = f + d0
         prompts[:, 11] = _INDEX[";"]
         prompts[:, 12] = start + d0
-        prompts[:, 13] = _INDEX["="]
+        if self.show_hops:  # "... ; s + k =": the hop count is given, so the answer is unambiguous
+            prompts[:, 13] = _INDEX["+"]
+            prompts[:, 14] = k + d0
+            prompts[:, 15] = _INDEX["="]
+        else:
+            prompts[:, 13] = _INDEX["="]
         nodes = torch.empty(m, self.max_hops, dtype=torch.long)
         cur = start
         for j in range(self.max_hops):
@@ -276,10 +283,25 @@ class PointerChase(Task):
     def prompt_from_text(self, text: str) -> tuple[int, ...]:
         t = text.strip().rstrip("=")
         fs, _, st = t.partition(";")
-        if len(fs) != 10 or not fs.isdigit() or len(st) != 1 or not st.isdigit():
-            raise ConfigError(f"pointer-chase prompts look like '3817450926;4=' (f(0..9);start), got {text!r}")
-        prompt = [BOS] + encode(fs + ";" + st + "=")
+        st, _, hops = st.partition("+")
+        ok = len(fs) == 10 and fs.isdigit() and len(st) == 1 and st.isdigit()
+        if self.show_hops:
+            ok = ok and hops.isdigit() and self.min_hops <= int(hops) <= self.max_hops
+        if not ok:
+            form = "'3817450926;4+6=' (f(0..9);start+hops)" if self.show_hops else "'3817450926;4=' (f(0..9);start)"
+            raise ConfigError(f"{self.name} prompts look like {form}, got {text!r}")
+        prompt = [BOS] + encode(fs + ";" + st + (f"+{hops}" if self.show_hops else "") + "=")
         return tuple(prompt + [PAD] * (self.prompt_len - len(prompt)))
+
+
+@TASKS.register("pointer-chase-k")
+@dataclass(frozen=True)
+class PointerChaseK(PointerChase):
+    """:class:`PointerChase` with the hop count in the prompt (``<bos> f(0..9) ; s + k =``): unambiguous."""
+
+    name: str = "pointer-chase-k"
+    prompt_len: int = 16
+    show_hops: bool = True
 
 
 def _holdout_hash(k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
