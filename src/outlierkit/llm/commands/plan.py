@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from outlierkit._utils import log, seed_everything
     from outlierkit._utils.io import check_output, staged_output
+    from outlierkit._utils.log import log
+    from outlierkit._utils.seed import seed_everything
     from outlierkit.errors import ConfigError
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.evaluate import EvalData, split_documents
