@@ -229,7 +229,7 @@ def _eval(args: Any) -> int:
     log(f"decoding {len(prompts)} problems x {len(hc.schedules)} schedules x {hc.seeds_per_block} seeds")
     rep = evaluate_hex(m.model, prompts, gold, m.tokens, cfg, m.decode, max_context=m.max_context,
                        device=m.device, on_batch=lambda d, t: log(f"paths {d}/{t}"))
-    rep.config["model"] = args.model or "bundled tiny pointer-chase"
+    rep.config["model"] = args.model or "bundled tiny pointer-chase-k"
     with staged_output(args.out, force=args.force) as stage:
         _plot_eval(rep, stage)
         rep.save(stage)

@@ -495,7 +495,7 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
 
 # ----------------------------------------------------------------------------------------- save / load
 
-BUNDLED = Path(__file__).parent / "checkpoints" / "pointer-chase"
+BUNDLED = Path(__file__).parent / "checkpoints" / "pointer-chase-k"
 
 
 def save_tiny(model: TinyMDM, task: Task, out_dir: str | Path, meta: dict[str, Any] | None = None) -> None:
@@ -528,7 +528,7 @@ def is_tiny_dir(path: str | Path) -> bool:
 
 
 def load_tiny(path: str | Path | None = None) -> tuple[TinyMDM, Task, dict[str, Any]]:
-    """Load a tiny checkpoint directory (default: the bundled pointer-chase model)."""
+    """Load a tiny checkpoint directory (default: the bundled pointer-chase-k model)."""
     from safetensors.torch import load_file
 
     p = Path(path) if path is not None else BUNDLED
