@@ -130,3 +130,22 @@ def test_cli_dispatch(capsys):
     assert main(["nope"]) == 2
     assert "unknown command" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_utils_log_stays_the_function_after_submodule_import():
+    # regression: a lazy package attribute `log` was replaced by the submodule of the same name
+    import importlib
+
+    importlib.import_module("outlierkit._utils.log")
+    from outlierkit._utils import log
+
+    assert callable(log) and not hasattr(log, "__path__") and log.__name__ == "log"
+
+
+def test_light_commands_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from outlierkit.cli import main; import outlierkit.graph.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

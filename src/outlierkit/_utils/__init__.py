@@ -9,13 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Imported eagerly (rich only, no torch): the submodule is named like the function ``log``, and binding
+# the function after the submodule keeps ``outlierkit._utils.log`` the function for every importer.
+from outlierkit._utils.log import get_console, log, progress
+
 _WHERE = {
     "resolve_device": "device", "resolve_dtype": "device", "HookSet": "hooks",
     "atomic_write_bytes": "io", "atomic_write_text": "io", "safe_torch_load": "io", "staged_output": "io",
-    "get_console": "log", "log": "log", "progress": "log", "seed_everything": "seed",
+    "seed_everything": "seed",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = sorted([*_WHERE, "get_console", "log", "progress"])
 
 
 def __getattr__(name: str) -> Any:
