@@ -11,7 +11,9 @@ from typing import Any
 
 # Imported eagerly (rich only, no torch): the submodule is named like the function ``log``, and binding
 # the function after the submodule keeps ``outlierkit._utils.log`` the function for every importer.
-from outlierkit._utils.log import get_console, log, progress
+from outlierkit._utils.log import get_console as get_console
+from outlierkit._utils.log import log as log
+from outlierkit._utils.log import progress as progress
 
 _WHERE = {
     "resolve_device": "device", "resolve_dtype": "device", "HookSet": "hooks",
