@@ -25,7 +25,7 @@ from outlierkit._utils.log import log, progress
 from outlierkit.errors import ConfigError, DataError
 from outlierkit.llm.corpus import Batch, TokenCorpus
 from outlierkit.llm.models import ModelMap, get_attr, has_attr, is_fused_experts, is_linear
-from outlierkit.llm.stats import Int8Check, Loc, SiteStats, TokenInfo
+from outlierkit.llm.stats import Int8Check, Loc, SiteStats, TokenInfo, update_int8_checks
 
 Level = Literal["basic", "default", "full"]
 LEVELS: tuple[str, ...] = ("basic", "default", "full")
@@ -278,8 +278,7 @@ class Collector:
         th = self.thresholds.get(site.name)
         if th and kept is not None:
             checks = self.int8.setdefault(site.name, {})
-            for kind, value in th.items():
-                checks.setdefault(kind, Int8Check(value)).update(kept)
+            update_int8_checks([checks.setdefault(kind, Int8Check(value)) for kind, value in th.items()], kept)
 
     def _expert_hook(self, layer: int, fqn: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -369,19 +369,7 @@ class Int8Check:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add finite float32 rows ``x`` ``(N, C)``."""
-        if x.numel() == 0 or not self.threshold > 0:
-            return
-        t = self.threshold
-        s = t / 127.0
-        # |clamp(x, -T, T) / s| <= 127, so the outer clamp of the reference formula is a no-op.
-        err = torch.round(x.clamp(-t, t) / s).mul_(s).sub_(x)
-        ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-        self.count += x.numel()
-        self.sx2 += float((ones @ (x * x)).sum())
-        self.se2 += float((ones @ (err * err)).sum())
-        self.sabs += float((ones @ x.abs()).sum())
-        self.sabs_err += float((ones @ err.abs_()).sum())
-        self.clipped += int(torch.count_nonzero(x.abs() > t))
+        update_int8_checks([self], x)
 
     def merge(self, other: Int8Check) -> Int8Check:
         for name in ("count", "sx2", "se2", "sabs", "sabs_err", "clipped"):
@@ -405,3 +393,31 @@ class Int8Check:
     @property
     def clip_rate(self) -> float:
         return self.clipped / self.count if self.count else float("nan")
+
+
+@torch.no_grad()
+def update_int8_checks(checks: list[Int8Check], x: torch.Tensor) -> None:
+    """Update several INT8 checks (thresholds) on the same finite rows ``x`` ``(N, C)``.
+
+    The threshold-free sums (sum x^2, sum |x|) are computed once and shared; per threshold T the error
+    is ``round(clamp(x, -T, T) / s) * s - x`` (the outer clamp of the reference formula is a no-op,
+    since |clamp(x)/s| <= 127).
+    """
+    if x.numel() == 0:
+        return
+    flat = x.reshape(-1)
+    a = flat.abs()
+    sx2 = float(flat @ flat)
+    sabs = float(a.sum())
+    for chk in checks:
+        t = chk.threshold
+        if not t > 0:
+            continue
+        s = t / 127.0
+        err = torch.round(flat.clamp(-t, t) / s).mul_(s).sub_(flat)
+        chk.count += flat.numel()
+        chk.sx2 += sx2
+        chk.sabs += sabs
+        chk.se2 += float(err @ err)
+        chk.sabs_err += float(err.abs_().sum())
+        chk.clipped += int(torch.count_nonzero(a > t))

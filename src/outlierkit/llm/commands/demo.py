@@ -36,8 +36,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# (title, recipe preset) pairs compared by the demo; the spike-aware recipe joins when registered.
 _DEMO_RECIPES = ("fp32", "w8a8-rtn", "w8a8-smoothquant", "w8a8-osplus")
+# Spike-aware mixed precision in the same W8A8 per-tensor setting: linears whose input max/median >= 100
+# stay in float (BF16/FP16 when served), the rest as above.
+_SPIKE_MP = {"name": "w8a8-spike-mp", "weight": "int8-channel", "act": "int8-tensor",
+             "steps": [{"spike_mp": {"select": "ratio", "threshold": 100, "keep": "float", "quantize": False}},
+                       {"rtn": {}}]}
 
 
 def _quantization(console: Any, out: Path, samples: int) -> None:
@@ -50,7 +54,8 @@ def _quantization(console: Any, out: Path, samples: int) -> None:
     from outlierkit.report import markdown_table
 
     console.print("\n[bold]Quantizing around the outliers[/bold] (W8A8 per-tensor, fake quantization, held-out text)")
-    minilm = compare_recipes("minilm", _DEMO_RECIPES, calib_samples=16, eval_samples=24, max_windows=8)
+    minilm = compare_recipes("minilm", [*_DEMO_RECIPES, _SPIKE_MP], calib_samples=16, eval_samples=24,
+                             max_windows=8)
     llama = compare_recipes(model=tiny_model("llama"), tokenizer=tokenizer(), recipes=_DEMO_RECIPES,
                             calib_samples=16, eval_samples=24, seq_len=64, max_windows=8)
     sections = []
@@ -73,7 +78,7 @@ def _quantization(console: Any, out: Path, samples: int) -> None:
         "fold the outlier channels into the norms and weights, so per-tensor INT8 steps shrink. MiniLM is "
         "post-LN: a norm's output is also the residual stream, so only the exact v -> o fold applies, and "
         "its peak activations sit in the FFN (GELU output -> output.dense) where no exact fold reaches; "
-        "keeping those layers in higher precision (spike-aware mixed precision) is what helps there.")
+        "keeping the few spike layers in higher precision (w8a8-spike-mp) is what helps there.")
     console.print(f"table: {out / 'quantization.md'}")
 
 
