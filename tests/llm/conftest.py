@@ -24,3 +24,17 @@ def tiny_llama_dir(tmp_path_factory):
     from outlierkit.llm.fixtures import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def batches(corpus):
+    """One calibration batch of 5 samples (modules may override with their own ``batches``)."""
+    return corpus.batches(5)[:1]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A fresh tiny LLaMA with planted outliers, shared within a test module."""
+    from outlierkit.llm.fixtures import tiny_model
+
+    return tiny_model("llama")

@@ -19,15 +19,6 @@ CAL = {"min_tokens": 64}
 SPIKE_FP8 = {"spike_mp": {"select": "topk", "top_k": 2, "keep": "fp8"}}
 
 
-@pytest.fixture(scope="module")
-def batches(corpus):
-    return corpus.batches(5)[:1]
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
 
 def _logits(m, batches):
     with torch.no_grad():

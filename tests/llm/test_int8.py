@@ -18,15 +18,6 @@ from outlierkit.llm.recipe import quantize_
 CAL = {"min_tokens": 64}
 
 
-@pytest.fixture(scope="module")
-def batches(corpus):
-    return corpus.batches(5)[:1]
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
 
 def _logits(m, batches):
     with torch.no_grad():
