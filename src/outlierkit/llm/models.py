@@ -191,12 +191,28 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         mlp="output.dense", down="output.dense", norm_kind="layer", post_ln=True, causal=False,
         folds=(FoldGroup("attention.self.value", ("attention.output.dense",), "attn_v", "o"),),
     ),
-    # LLaDA-style masked-diffusion models: LLaMA blocks with bidirectional attention (remote code names
-    # them model.transformer.blocks; the local port keeps the LLaMA names).
-    _llama_like("llada", ("llada",), causal=False),
+    # LLaDA-style masked-diffusion models: LLaMA blocks with bidirectional attention. The released remote
+    # code (LLaDAModelLM) keeps them in model.transformer.blocks with OLMo-style names; attention has no
+    # module of its own, so its branch output is attn_out's output, and ff_proj is the SwiGLU gate.
+    ArchSpec(
+        "llada", ("llada",), backbone="model.transformer", layers="blocks", embed="wte", final_norm="ln_f",
+        attn="attn_out", mlp="ff_out", gate="ff_proj", down="ff_out", causal=False,
+        folds=(
+            FoldGroup("attn_norm", ("q_proj", "k_proj", "v_proj"), "norm", "qkv"),
+            FoldGroup("ff_norm", ("ff_proj", "up_proj"), "norm", "mlp_in"),
+            FoldGroup("up_proj", ("ff_out",), "linear", "down"),
+            FoldGroup("v_proj", ("attn_out",), "attn_v", "o"),
+        ),
+    ),
+    # ... and ports to transformers' LLaMA classes keep the LLaMA names.
+    _llama_like("llada-hf", ("llada",), causal=False),
 )
 
-_BY_TYPE: dict[str, ArchSpec] = {t: spec for spec in ARCHITECTURES for t in spec.model_types}
+# model_type -> table entries, tried in order: the first whose blocks exist in the model is used.
+_BY_TYPE: dict[str, list[ArchSpec]] = {}
+for _spec in ARCHITECTURES:
+    for _t in _spec.model_types:
+        _BY_TYPE.setdefault(_t, []).append(_spec)
 
 
 def get_attr(root: nn.Module, path: str) -> Any:
@@ -275,23 +291,30 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _find_backbone(model: nn.Module, spec: ArchSpec) -> str | None:
+    """The backbone path under which ``spec.layers`` exists (loaded with or without an LM head)."""
+    first = spec.backbone.split(".", 1)[1] if "." in spec.backbone else ""
+    for candidate in (spec.backbone, first, ""):
+        if has_attr(model, _join(candidate, spec.layers)):
+            return candidate
+    return None
+
+
 def resolve(model: nn.Module, *, warn: bool = True) -> ModelMap:
     """Resolve the architecture table for ``model``; unknown families fall back to generic discovery."""
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", type(model).__name__.lower()))
-    spec = _BY_TYPE.get(model_type)
+    candidates = _BY_TYPE.get(model_type, [])
+    spec = next((c for c in candidates if _find_backbone(model, c) is not None), candidates[0] if candidates else None)
     if spec is not None:
         # Loaded with AutoModel (no LM head) the backbone is the model itself.
-        backbone = spec.backbone
-        for candidate in (spec.backbone, spec.backbone.split(".", 1)[1] if "." in spec.backbone else "", ""):
-            if has_attr(model, _join(candidate, spec.layers)):
-                backbone = candidate
-                break
-        else:
+        found = _find_backbone(model, spec)
+        if found is None:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} matched table entry {spec.name!r} but {spec.layers!r} was not "
                 f"found under {spec.backbone!r}; fix the entry in outlierkit/llm/models.py (ARCHITECTURES)"
             )
+        backbone = found
         layers_path = _join(backbone, spec.layers)
         n = len(get_attr(model, layers_path))
         mm = ModelMap(
@@ -350,7 +373,7 @@ def _discover(model: nn.Module, model_type: str) -> ModelMap:
 def spec_for(model_type: str) -> ArchSpec:
     """The table entry for a ``config.model_type``; a clear error when it is missing."""
     try:
-        return _BY_TYPE[model_type]
+        return _BY_TYPE[model_type][0]
     except KeyError:
         raise UnsupportedArchitectureError(
             f"no architecture mapping for model_type {model_type!r}; supported: {sorted(_BY_TYPE)}. "
