@@ -184,6 +184,15 @@ def resolve_groups(model: nn.Module, mm: ModelMap, kinds: tuple[str, ...], metho
     return out
 
 
+def nothing_to_fold(ctx: QuantContext, mm: ModelMap, method: str, folds: tuple[str, ...] | list[str],
+                    verb: str) -> list[LayerRecord]:
+    """The record (and context note) of a transform that found no fold group of the asked kinds."""
+    note = (f"{method}: family {mm.spec.name!r} has no {'/'.join(folds)} fold group in the architecture table; "
+            f"nothing was {verb}")
+    ctx.notes.append(note)
+    return [LayerRecord(mm.spec.name, method, {"applied": False, "note": note})]
+
+
 def tie_reduce(x: torch.Tensor, grp: Group, how: str) -> torch.Tensor:
     """Reduce a per-consumer-channel (C,) vector to per-producer-row (R,) over GQA-tied channels."""
     if grp.tie is None:

@@ -23,6 +23,7 @@ from outlierkit.llm.methods.base import (
     float_module,
     fold_,
     in_weight,
+    nothing_to_fold,
     resolve_groups,
     tie_expand,
     tie_reduce,
@@ -236,10 +237,7 @@ class OSPlus(QuantMethod):
         mm = ctx.model_map(model)
         groups = resolve_groups(model, mm, tuple(self.folds), "os_plus")
         if not groups:
-            note = (f"os_plus: family {mm.spec.name!r} has no {'/'.join(self.folds)} fold group in the "
-                    "architecture table; nothing was transformed")
-            ctx.notes.append(note)
-            return [LayerRecord(mm.spec.name, "os_plus", {"applied": False, "note": note})]
+            return nothing_to_fold(ctx, mm, "os_plus", self.folds, "transformed")
         wfmt = parse_format(self.weight, "os_plus.weight") if self.weight else ctx.weight
         afmt = parse_format(self.act, "os_plus.act") if self.act else ctx.act
         n_batches = self._n_batches(ctx)

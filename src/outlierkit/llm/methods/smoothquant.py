@@ -18,6 +18,7 @@ from outlierkit.llm.methods.base import (
     float_module,
     fold_,
     in_weight,
+    nothing_to_fold,
     resolve_groups,
     tie_reduce,
 )
@@ -62,10 +63,7 @@ class SmoothQuant(QuantMethod):
         alpha = self.alpha if self.alpha is not None else ALPHA_PRESETS.get(mm.spec.name, 0.5)
         groups = resolve_groups(model, mm, tuple(self.folds), "smoothquant")
         if not groups:
-            note = (f"smoothquant: family {mm.spec.name!r} has no {'/'.join(self.folds)} fold group in the "
-                    "architecture table; nothing was smoothed")
-            ctx.notes.append(note)
-            return [LayerRecord(mm.spec.name, "smoothquant", {"applied": False, "note": note})]
+            return nothing_to_fold(ctx, mm, "smoothquant", self.folds, "smoothed")
         stats = collect_input_stats(model, sorted({g.linears[0] for g in groups}), ctx.batches)
         records = []
         for g in groups:
