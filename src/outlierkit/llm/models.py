@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -370,21 +370,6 @@ def _discover(model: nn.Module, model_type: str) -> ModelMap:
                     layers=[f"{layers_path}.{i}" for i in range(best[0])], generic=True, unplaced=unplaced)
 
 
-def spec_for(model_type: str) -> ArchSpec:
-    """The table entry for a ``config.model_type``; a clear error when it is missing."""
-    try:
-        return _BY_TYPE[model_type][0]
-    except KeyError:
-        raise UnsupportedArchitectureError(
-            f"no architecture mapping for model_type {model_type!r}; supported: {sorted(_BY_TYPE)}. "
-            "Add an ArchSpec entry to outlierkit/llm/models.py (see docs/architectures.md)"
-        ) from None
-
-
-def with_spec(mm: ModelMap, **changes: Any) -> ModelMap:
-    return replace(mm, spec=replace(mm.spec, **changes))
-
-
 # --------------------------------------------------------------------------------------------- loading
 
 @dataclass
@@ -526,7 +511,3 @@ def load_model(
                                  "(tokenizer.json or vocab files) to the directory") from None
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path if source not in ("minilm",) else source),
                        map=resolve(model), device=next(model.parameters()).device, dtype=torch_dtype)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -10,7 +10,6 @@ statistic; whole activations are never stored.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,7 +141,7 @@ class ActivationProfile:
     int8: dict[str, dict[str, Int8Check]] = field(default_factory=dict)  # site -> {"absmax"|"p99.9": check}
     batches_done: int = 0
     tokens: int = 0
-    token_text: Callable[[int], str] | None = None
+    shape_warnings: list[str] = field(default_factory=list)  # sites whose tensors did not fit the batch
 
     def merge(self, other: ActivationProfile) -> ActivationProfile:
         """In place: statistics of both profiles' token sets (same model and sites)."""
@@ -340,11 +339,6 @@ class Collector:
                         hooks.forward_pre(mod, self._expert_hook(i, self.mm.fqn(i, rel)), with_kwargs=True)
 
 
-def _forward_kwargs(model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    kw = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
-    return kw
-
-
 def _base_model(model: nn.Module, mm: ModelMap) -> nn.Module:
     """Run the backbone, not the LM head (the head's logits are not a site and cost memory)."""
     if mm.backbone and has_attr(model, mm.backbone.split(".")[0]):
@@ -445,6 +439,9 @@ def profile_model(
         start = prof.batches_done
         collector.stats, collector.experts, collector.int8 = prof.stats, prof.experts, prof.int8
         log(f"{name}: resuming after {start} of {len(mine)} batches")
+    # The profile shares the collector's dicts, so checkpoints always see the latest statistics.
+    prof.stats, prof.experts, prof.int8 = collector.stats, collector.experts, collector.int8
+    prof.shape_warnings = collector.shape_warnings
     runner = _base_model(model, mm)
     was_training = model.training
     model.eval()
@@ -456,20 +453,17 @@ def profile_model(
                 if split == "eval" and not collector.thresholds:
                     collector.thresholds = int8_thresholds(collector.stats)
                 collector.begin_batch(batch, device)
-                runner(**_forward_kwargs(runner, batch, device))
+                runner(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
                 prof.batches_done = k + 1
                 prof.tokens += int(batch.attention_mask.sum())
-                prof.stats, prof.experts, prof.int8 = collector.stats, collector.experts, collector.int8
                 if checkpoint is not None and opt.checkpoint_every and (k + 1) % opt.checkpoint_every == 0:
                     prof.save(checkpoint)
     finally:
         model.train(was_training)
-    prof.stats, prof.experts, prof.int8 = collector.stats, collector.experts, collector.int8
     # Sites that saw no tokens (e.g. a shape the hook could not map) get empty statistics.
     for s in sites:
         if s.name not in prof.stats:
             prof.stats[s.name] = SiteStats(channels=1)
-    prof.shape_warnings = collector.shape_warnings  # type: ignore[attr-defined]
     return prof
 
 
@@ -512,7 +506,3 @@ def _from_state(state: dict[str, Any]) -> ActivationProfile:
 def fmt_loc(loc: Loc, token_text: Callable[[int], str] | None) -> dict[str, Any]:
     tok = token_text(loc.token) if token_text is not None and loc.token >= 0 else None
     return {"sample": loc.sample, "pos": loc.pos, "channel": loc.channel, "token": tok}
-
-
-def finite(v: float) -> float | None:
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None

@@ -172,7 +172,7 @@ def build_profile_report(
                 rep.warn(f"{p.model}: {st.nonfinite_tokens} token(s) with NaN/Inf at {st_name} (first: sample "
                          f"{loc['sample']}, pos {loc['pos']}, channel {loc['channel']}, token {loc['token']!r}); "
                          "they are excluded from that site's statistics")
-        for sw in getattr(p, "shape_warnings", []):
+        for sw in p.shape_warnings:
             rep.warn(f"{p.model}: site {sw} produced a tensor whose shape does not match the batch; skipped")
     rep.add_table("sites", [r for p, t in zip(profiles, token_texts, strict=True) for r in site_rows(p, t)])
     rep.add_table("top_values", [r for p, t in zip(profiles, token_texts, strict=True)

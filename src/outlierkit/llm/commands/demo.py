@@ -49,6 +49,7 @@ def _quantization(console: Any, out: Path, samples: int) -> None:
     from rich.table import Table
 
     from outlierkit._utils.io import atomic_write_text
+    from outlierkit.llm.commands.profile import cell
     from outlierkit.llm.evaluate import compare_recipes
     from outlierkit.llm.fixtures import tiny_model, tokenizer
     from outlierkit.report import markdown_table
@@ -69,7 +70,7 @@ def _quantization(console: Any, out: Path, samples: int) -> None:
         for c in cols:
             table.add_column(c.replace("_", " "))
         for r in rows:
-            table.add_row(*[_cell(r.get(c)) for c in cols])
+            table.add_row(*[cell(r.get(c), none="-") for c in cols])
         console.print(table)
         sections.append(f"## {title}\n\n" + markdown_table([{c: r.get(c) for c in cols} for r in rows]))
     atomic_write_text(out / "quantization.md", "\n".join(sections))
@@ -80,12 +81,6 @@ def _quantization(console: Any, out: Path, samples: int) -> None:
         "its peak activations sit in the FFN (GELU output -> output.dense) where no exact fold reaches; "
         "keeping the few spike layers in higher precision (w8a8-spike-mp) is what helps there.")
     console.print(f"table: {out / 'quantization.md'}")
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _explain(console: Any, report: Any) -> None:

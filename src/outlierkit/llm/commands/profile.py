@@ -146,13 +146,14 @@ def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     for h in heads:
         table.add_column(h)
     for r in rows:
-        table.add_row(*[_cell(r.get(c)) for c in cols])
+        table.add_row(*[cell(r.get(c)) for c in cols])
     console = Console()
     console.print(table)
     console.print(f"report: {out / 'report.md'} (plots: layerwise_max.png, top_channels.png, sqnr_vs_max.png)")
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
+def cell(v: Any, none: str = "") -> str:
+    """A table cell: floats to 4 significant digits, None as ``none``."""
+    if v is None:
+        return none
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
