@@ -6,8 +6,7 @@ import torch until a helper that needs it is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from outlierkit._utils.lazy import lazy_exports
 
 # Imported eagerly (rich only, no torch): the submodule is named like the function ``log``, and binding
 # the function after the submodule keeps ``outlierkit._utils.log`` the function for every importer.
@@ -16,15 +15,13 @@ from outlierkit._utils.log import log as log
 from outlierkit._utils.log import progress as progress
 
 _WHERE = {
-    "resolve_device": "device", "resolve_dtype": "device", "HookSet": "hooks",
-    "atomic_write_bytes": "io", "atomic_write_text": "io", "safe_torch_load": "io", "staged_output": "io",
-    "seed_everything": "seed",
+    "resolve_device": "outlierkit._utils.device", "resolve_dtype": "outlierkit._utils.device",
+    "HookSet": "outlierkit._utils.hooks", "atomic_write_bytes": "outlierkit._utils.io",
+    "atomic_write_text": "outlierkit._utils.io", "safe_torch_load": "outlierkit._utils.io",
+    "staged_output": "outlierkit._utils.io", "seed_everything": "outlierkit._utils.seed",
 }
 
 __all__ = sorted([*_WHERE, "get_console", "log", "progress"])
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"outlierkit._utils.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'outlierkit._utils' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

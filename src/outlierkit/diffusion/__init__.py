@@ -5,7 +5,7 @@ Imports are lazy so that ``outlierkit hex --help`` does not load torch or transf
 
 from __future__ import annotations
 
-from typing import Any
+from outlierkit._utils.lazy import lazy_exports
 
 _EXPORTS = {
     "TokenSpec": "outlierkit.diffusion.sampler",
@@ -35,9 +35,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'outlierkit.diffusion' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
