@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from outlierkit.errors import OutlierkitError
 
@@ -24,6 +27,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Exit codes, the same for every command.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNUSABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = (
+    "exit codes: 0 ok; 2 bad usage or bad input (one line on stderr, nothing written); "
+    "3 the run finished but its results are unusable (e.g. NaN/Inf statistics; the report is kept to "
+    "diagnose it); 130 interrupted"
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``outlierkit: error: ...``) instead of a usage block, like every
+    other outlierkit error; subparsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
+
+
 def _top_help() -> str:
     from outlierkit import __version__
 
@@ -36,15 +57,40 @@ def _top_help() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", EXIT_CODES]
     return "\n".join(lines)
 
 
-def _error(message: str) -> None:
+def print_error(message: str) -> None:
     print(f"outlierkit: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _show_warning(message: warnings.WarningMessage | Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: object = None, line: str | None = None) -> None:
+    """Python warnings raised during a command reach the console as one ``outlierkit: warning:`` line."""
+    from outlierkit._utils.log import warning
+
+    warning(f"{message} ({category.__name__})" if category is not UserWarning else str(message))
+
+
+@contextlib.contextmanager
+def _console_setup() -> Iterator[None]:
+    """For one command: Python warnings reach the console once each; results on a pipe are not squeezed."""
+    from outlierkit._utils.log import reset_warnings, wide_pipes
+
+    reset_warnings()
+    saved = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        with wide_pipes():
+            yield
+    finally:
+        warnings.showwarning = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns 0 on success, 1 on failure, 2 on bad usage or bad input, 130 on Ctrl-C."""
+    """Run the CLI; returns 0 on success, 2 on bad usage or bad input, 3 when the run finished but its
+    results are unusable (NaN/Inf statistics), 130 on Ctrl-C (see :data:`EXIT_CODES`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_top_help())
@@ -56,23 +102,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        _error(f"unknown command {name!r}; valid commands: {', '.join(COMMANDS)}")
+        print_error(f"unknown command {name!r}; valid commands: {', '.join(COMMANDS)}")
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"outlierkit {name}", description=COMMANDS[name][1])
+    parser = OneLineParser(prog=f"outlierkit {name}", description=COMMANDS[name][1], epilog=EXIT_CODES)
     module.add_arguments(parser)
     try:
         ns = parser.parse_args(rest)
-    except SystemExit as e:  # argparse already printed its one-line usage error
-        return int(e.code) if isinstance(e.code, int) else 2
-    try:
-        return int(module.run(ns) or 0)
-    except OutlierkitError as e:
-        _error(str(e))
-        return 2
-    except KeyboardInterrupt:
-        _error("interrupted; finished work was kept where the command supports --resume")
-        return 130
+    except SystemExit as e:  # --help (0), or OneLineParser already printed its one-line error (2)
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    with _console_setup():
+        try:
+            return int(module.run(ns) or 0)
+        except OutlierkitError as e:
+            print_error(str(e))
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print_error("interrupted; finished work was kept where the command supports --resume")
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from outlierkit.errors import ConfigError
 from outlierkit.report import Report, markdown_table
 
 
@@ -14,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     diff = sub.add_parser("diff", help="compare the numeric metrics of two reports")
     diff.add_argument("a")
     diff.add_argument("b")
+    diff.add_argument("--allow-mixed", action="store_true",
+                      help="compare reports of different kinds (e.g. llm.profile and llm.eval) anyway")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"## {name}\n" + markdown_table(rows, max_rows=20))
         return 0
     a, b = Report.load(args.a), Report.load(args.b)
+    if a.kind != b.kind and not args.allow_mixed:
+        raise ConfigError(f"{args.a} is a {a.kind} report and {args.b} a {b.kind} report; their metrics do not "
+                          "compare (pass --allow-mixed to list them side by side anyway)")
+    if a.kind != b.kind:
+        print(f"# {a.kind} (a) vs {b.kind} (b): different kinds, shared metric names only coincide")
     rows = []
     for key in sorted(set(a.metrics) | set(b.metrics)):
         va, vb = a.metrics.get(key), b.metrics.get(key)

@@ -86,8 +86,12 @@ class Report:
     env: dict[str, Any] = field(default_factory=environment)
 
     def warn(self, message: str) -> None:
+        """Record a warning in the report and show it on the console (stderr), once per message."""
+        from outlierkit._utils.log import warning
+
         if message not in self.warnings:
             self.warnings.append(message)
+        warning(message)
 
     def add_table(self, name: str, rows: list[dict[str, Any]]) -> None:
         self.tables[name] = [{str(k): _clean(v) for k, v in row.items()} for row in rows]
@@ -125,8 +129,16 @@ class Report:
             p = p / "report.json"
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"cannot read report {p}: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or not data["kind"]:
+            raise DataError(f"{p} is not an outlierkit report (no 'kind' field); pass the report.json a command "
+                            "wrote")
+        for key, typ in (("config", dict), ("metrics", dict), ("tables", dict), ("artifacts", dict),
+                         ("warnings", list), ("notes", list), ("env", dict)):
+            if not isinstance(data.get(key, typ()), typ):
+                raise DataError(f"{p}: field {key!r} must be a JSON {'object' if typ is dict else 'array'}; "
+                                "the report is corrupt")
         return cls(
             kind=data["kind"], config=data.get("config", {}), metrics=data.get("metrics", {}),
             tables=data.get("tables", {}), artifacts=data.get("artifacts", {}),

@@ -120,8 +120,56 @@ def test_bad_data_fails_clearly(tiny_llama_dir, tmp_path, capsys):
         assert needle in capsys.readouterr().err
     assert main(["profile", str(tiny_llama_dir), "--seq-len", "100000", "--out", str(tmp_path / "o")]) == 2
     assert "exceeds the model's maximum" in capsys.readouterr().err
-    assert main(["profile", str(tiny_llama_dir), "--samples", "2", "--out", str(tmp_path / "o")]) == 2
-    assert "too few" in capsys.readouterr().err
+
+
+def test_few_samples_skip_the_int8_check_with_a_warning(tiny_llama_dir, tmp_path, capsys):
+    # regression: --samples 1 failed because of the INT8 check the user did not ask about
+    out = tmp_path / "one"
+    assert main(["profile", str(tiny_llama_dir), "--samples", "1", "--seq-len", "16", "--level", "basic",
+                 "--out", str(out)]) == 0
+    assert "INT8 check needs at least 3 samples" in capsys.readouterr().err
+    data = json.loads((out / "report.json").read_text())
+    assert data["config"]["int8_check"] is False and data["tables"]["int8"] == []
+
+
+def test_nan_forward_is_loud_and_exits_3(tmp_path, capsys):
+    """A forward that produces NaN is not a success: console table of the NaN sites (also the all-NaN
+    ones, which have no statistics), a one-line error, exit 3, and the report kept to diagnose it."""
+    from outlierkit.cli import EXIT_UNUSABLE
+    from outlierkit.llm.fixtures import tiny_model, tokenizer
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 0] = float("nan")  # NaN from layer 1's MLP onwards
+    d = tmp_path / "nanllama"
+    model.save_pretrained(d)
+    tokenizer().save_pretrained(d)
+    out = tmp_path / "nan"
+    rc = main(["profile", str(d), "--samples", "3", "--seq-len", "16", "--level", "basic", "--out", str(out)])
+    assert rc == EXIT_UNUSABLE == 3
+    captured = capsys.readouterr()
+    err_lines = captured.err.strip().splitlines()
+    assert err_lines[-1].startswith("outlierkit: error: the forward pass of nanllama produced NaN/Inf at 3 site")
+    assert "warning: nanllama: " in captured.err and "NaN/Inf at layer_1.mlp" in captured.err  # not only report.md
+    for site in ("layer_1.mlp", "layer_1.residual", "final_norm"):
+        assert site in captured.err  # the console table lists the all-NaN sites
+    data = json.loads((out / "report.json").read_text())
+    rows = {r["site"]: r for r in data["tables"]["nonfinite_sites"]}
+    assert set(rows) == {"layer_1.mlp", "layer_1.residual", "final_norm"}
+    assert all(r["all_nonfinite"] and r["nonfinite_tokens"] > 0 for r in rows.values())
+    assert data["metrics"]["nonfinite_sites"] == 3 and not (tmp_path / "nan.partial").exists()
+
+
+def test_fp16_warning_reaches_the_console(tmp_path, capsys):
+    from outlierkit.llm.fixtures import save_tiny
+
+    bert = save_tiny(tmp_path / "bert", "bert")
+    out = tmp_path / "fp16"
+    assert main(["profile", str(bert), "--dtype", "fp16", "--samples", "3", "--seq-len", "16", "--level", "basic",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: bert: fp16 can overflow") == 1  # once, although it is in the report too
+    assert any("fp16" in w for w in json.loads((out / "report.json").read_text())["warnings"])
 
 
 def test_corpus_sources_and_determinism(tok, tmp_path):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from outlierkit.errors import DataError, OutputExistsError
+from outlierkit.errors import ConfigError, DataError, OutputExistsError
 
 if TYPE_CHECKING:
     import torch
@@ -44,12 +44,36 @@ def partial_dir(out: str | Path) -> Path:
 
 
 def check_output(out: str | Path, *, force: bool = False) -> None:
-    """Fail early, before any work, when ``out`` exists and may not be replaced."""
+    """Fail early, before any work, when ``out`` exists and may not be replaced, or cannot be created."""
     p = Path(out)
-    if p.exists() and not force:
-        raise OutputExistsError(f"output directory {p} already exists; pass --force to replace it")
     if p.exists() and not p.is_dir():
         raise OutputExistsError(f"output path {p} exists and is not a directory; choose another --out")
+    if p.exists() and not force:
+        raise OutputExistsError(f"output directory {p} already exists; pass --force to replace it")
+    _check_creatable(p)
+
+
+def _check_creatable(p: Path) -> None:
+    """``--out`` under a regular file or an unwritable directory is a one-line error, not a traceback."""
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create output directory {p}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create output directory {p}: {parent} is not writable")
+
+
+def _mkdir(p: Path) -> None:
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only file system, permissions, a file in the way
+        raise ConfigError(f"cannot create output directory {p}: {e.strerror or e}") from None
+
+
+def _resumable(stage: Path) -> bool:
+    """Whether a failed run left anything in its staging directory worth resuming from."""
+    return any(f.is_file() for f in stage.rglob("*"))
 
 
 @contextlib.contextmanager
@@ -58,20 +82,27 @@ def staged_output(
 ) -> Iterator[Path]:
     """Yield a staging directory ``OUT.partial``; on success it replaces ``OUT`` in one rename.
 
-    On error the staging directory is removed, unless ``keep_on_error`` (checkpoints to ``--resume``
-    from); either way ``OUT`` itself is never left half-written.
+    On error the staging directory is removed, unless ``keep_on_error`` and it holds files (checkpoints
+    to ``--resume`` from); an empty ``OUT.partial`` is never left behind, and ``OUT`` itself is never
+    left half-written.
     """
     final = Path(out)
     check_output(final, force=force)
     stage = partial_dir(final)
+    if stage.exists() and not stage.is_dir():
+        raise OutputExistsError(f"{stage} exists and is not a directory; remove it or choose another --out")
     if stage.exists() and not resume:
         shutil.rmtree(stage)
-    stage.mkdir(parents=True, exist_ok=True)
+    created = [d for d in (stage, *stage.absolute().parents) if not d.exists()]  # to undo on error
+    _mkdir(stage)
     try:
         yield stage
     except BaseException:
-        if not keep_on_error:
+        if not (keep_on_error and _resumable(stage)):
             shutil.rmtree(stage, ignore_errors=True)
+            for d in created[1:]:  # parent folders this run created, innermost first, if still empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         raise
     old = None
     if final.exists():

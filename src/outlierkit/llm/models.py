@@ -11,6 +11,7 @@ discovery by module type, with a warning naming what could not be placed.
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,6 +438,59 @@ def _check_weights(path: Path) -> None:
               for n in names)
     if not has:
         raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
+    for f in sorted(path.glob("*.safetensors")):
+        _check_safetensors(f)
+
+
+def _check_safetensors(f: Path) -> None:
+    """A truncated or corrupt safetensors file is a one-line error naming it, before transformers sees it.
+
+    ``safe_open`` reads the header and checks that the tensors' byte ranges cover the file exactly, so a
+    cut-off download fails here instead of as a traceback from inside ``from_pretrained``.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as handle:
+            handle.keys()
+    except Exception as e:  # SafetensorError (not an OSError/ValueError), OSError, ...
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ModelLoadError(f"{f} is corrupt or truncated ({detail}); re-download or re-save the model") from None
+
+
+def _check_supported(path: Path, config: Any) -> None:
+    """Encoder-decoder models (T5, BART, ...) have two stacks and need decoder inputs: not supported."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{path} is an encoder-decoder model ({getattr(config, 'model_type', '?')}); outlierkit supports "
+            "decoder-only and encoder-only transformers"
+        )
+
+
+def _vocab_size(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    v = getattr(text, "vocab_size", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _check_tokenizer(path: Path, tokenizer: Any, config: Any) -> None:
+    """A tokenizer whose vocabulary files are missing loads with only its special tokens (BERT: 5), and
+    every word becomes ``[UNK]``: refuse it instead of profiling nonsense.
+
+    Embedding tables are often padded past the tokenizer (to a multiple of 64/128), so only a tokenizer
+    holding less than half of the model's vocabulary is treated as broken.
+    """
+    vocab = _vocab_size(config)
+    try:
+        n = len(tokenizer)
+    except TypeError:
+        return
+    if vocab is not None and n < vocab // 2:
+        raise ModelLoadError(
+            f"the tokenizer in {path} has {n} tokens but the model's vocabulary has {vocab}: its vocabulary "
+            "files are missing (every word would become [UNK]); add tokenizer.json or the vocab files "
+            "(vocab.txt, vocab.json + merges.txt, tokenizer.model) that tokenizer.save_pretrained writes"
+        )
 
 
 def load_model(
@@ -474,6 +528,7 @@ def load_model(
         warnings.warn("fp16 can overflow on activation outliers (published peaks reach 7e5, fp16 max is 65,504); "
                       "profile in bf16 or fp32", stacklevel=2)
 
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -487,6 +542,7 @@ def load_model(
             raise ModelLoadError(f"{path} needs custom code ({raw.get('model_type')}); pass --trust-remote-code "
                                  "if you trust it") from None
         raise ModelLoadError(f"unknown or unsupported architecture in {path}: {msg}") from None
+    _check_supported(path, config)
     archs = [a for a in (getattr(config, "architectures", None) or [])]
     if causal_lm is None:
         causal_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
@@ -496,7 +552,7 @@ def load_model(
     auto = AutoModelForCausalLM if causal_lm else AutoModel
     try:
         model = auto.from_pretrained(path, config=config, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load weights from {path}: {first[:300]}") from None
     if not device_map:
@@ -509,5 +565,6 @@ def load_model(
         except Exception as e:  # transformers raises many types here
             raise ModelLoadError(f"{path} has no usable tokenizer ({type(e).__name__}); add the tokenizer files "
                                  "(tokenizer.json or vocab files) to the directory") from None
+        _check_tokenizer(path, tokenizer, config)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path if source not in ("minilm",) else source),
                        map=resolve(model), device=next(model.parameters()).device, dtype=torch_dtype)

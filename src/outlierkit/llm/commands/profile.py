@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from outlierkit._utils.args import nonneg_int, positive_float, positive_int
+
+# The INT8 check calibrates thresholds on a third of the samples and evaluates them on the rest.
+MIN_INT8_SAMPLES = 3
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="*", default=["minilm"],
@@ -14,13 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=None,
                         help="text files, directories, JSONL or saved datasets (default: built-in corpus)")
     parser.add_argument("--text-field", default="text", help="JSONL/dataset field holding the text (default: text)")
-    parser.add_argument("--samples", type=int, default=64, help="number of samples (default: 64)")
-    parser.add_argument("--seq-len", type=int, default=128, help="maximum tokens per sample (default: 128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
+    parser.add_argument("--samples", type=positive_int, default=64, help="number of samples (default: 64)")
+    parser.add_argument("--seq-len", type=positive_int, default=128, help="maximum tokens per sample (default: 128)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward pass (default: 8)")
     parser.add_argument("--level", choices=("basic", "default", "full"), default="default",
                         help="basic: layer outputs; default: + router, experts, SwiGLU gate/product; "
                              "full: + every linear's input and output")
-    parser.add_argument("--hist-stride", type=int, default=None,
+    parser.add_argument("--hist-stride", type=positive_int, default=None,
                         help="histogram quantiles, kurtosis and mean|x| use one token in N (default 8; 1 = exact, "
                              "the default at --level full); maxima, locations and moments use every token")
     parser.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16, auto")
@@ -30,12 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/profile", help="output directory (default: runs/profile)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    parser.add_argument("--checkpoint-every", type=int, default=10, help="save statistics every N batches (10)")
+    parser.add_argument("--checkpoint-every", type=nonneg_int, default=10,
+                        help="save statistics every N batches (default 10; 0: never)")
     parser.add_argument("--seed", type=int, default=0, help="corpus sampling seed (default: 0)")
-    parser.add_argument("--massive-abs", type=float, default=100.0, help="massive token: max|x| above this (100)")
-    parser.add_argument("--massive-ratio", type=float, default=1000.0,
+    parser.add_argument("--massive-abs", type=positive_float, default=100.0,
+                        help="massive token: max|x| above this (100)")
+    parser.add_argument("--massive-ratio", type=positive_float, default=1000.0,
                         help="massive token: max|x| / median|x| above this (1000)")
-    parser.add_argument("--no-int8-check", action="store_true", help="skip the INT8 reconstruction check")
+    parser.add_argument("--no-int8-check", action="store_true",
+                        help=f"skip the INT8 reconstruction check (skipped with a warning below {MIN_INT8_SAMPLES} "
+                             "samples)")
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -52,28 +61,88 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Profile, write the report, print the summary; exit 3 when NaN/Inf made the statistics unusable."""
     from outlierkit._utils.io import check_output, staged_output
+    from outlierkit._utils.log import warning
     from outlierkit.errors import ConfigError
     from outlierkit.llm.profile import ProfileOptions
 
-    if args.samples < 1 or args.seq_len < 2 or args.batch_size < 1:
-        raise ConfigError("--samples, --batch-size must be >= 1 and --seq-len >= 2")
+    if args.seq_len < 2:
+        raise ConfigError(f"--seq-len must be at least 2, got {args.seq_len}")
     if not args.resume:
         check_output(args.out, force=args.force)
+    int8_check = not args.no_int8_check
+    if int8_check and args.samples < MIN_INT8_SAMPLES:
+        warning(f"the INT8 check needs at least {MIN_INT8_SAMPLES} samples (a third calibrates, the rest "
+                f"evaluates); with --samples {args.samples} it is skipped")
+        int8_check = False
     opts = ProfileOptions(level=args.level, batch_size=args.batch_size, hist_stride=args.hist_stride,
                           massive_abs=args.massive_abs,
-                          massive_ratio=args.massive_ratio, calib_fraction=0.0 if args.no_int8_check else 1 / 3,
+                          massive_ratio=args.massive_ratio, calib_fraction=1 / 3 if int8_check else 0.0,
                           checkpoint_every=args.checkpoint_every)
     rank, world = _init_distributed()
     config = {k: v for k, v in vars(args).items()}
     config["world_size"] = world
+    config["int8_check"] = int8_check
     if rank != 0:
         run_profiles(args, opts, None, config, shard=(rank, world))
         return 0
     with staged_output(args.out, force=args.force, resume=args.resume, keep_on_error=True) as stage:
         report, summary = run_profiles(args, opts, stage, config, shard=(rank, world))
     print_summary(summary, Path(args.out))
+    bad = report.tables.get(NONFINITE_TABLE, []) if report is not None else []
+    if bad or (report is not None and report.metrics.get("unusable")):
+        print_nonfinite(bad)
+        models = sorted({str(r["model"]) for r in bad}) or [str(m) for m in args.models]
+        from outlierkit.cli import EXIT_UNUSABLE, print_error
+
+        print_error(f"the forward pass of {', '.join(models)} produced NaN/Inf at {len(bad)} site(s) (table above); "
+               f"the statistics are unusable. The report in {args.out} is kept for diagnosis (exit "
+               f"{EXIT_UNUSABLE}). Check the weights and --dtype (fp16 overflows on outliers)")
+        return EXIT_UNUSABLE
     return 0
+
+
+NONFINITE_TABLE = "nonfinite_sites"
+
+
+def nonfinite_rows(prof: Any, token_text: Any) -> list[dict[str, Any]]:
+    """One row per site whose tensors held NaN/Inf, including sites where every token was non-finite.
+
+    Read defensively (``getattr``): the counters live on the profiler's per-site statistics.
+    """
+    from outlierkit.llm.profile import fmt_loc
+
+    rows = []
+    for site in prof.sites:
+        st = prof.stats[site.name]
+        n = int(getattr(st, "nonfinite_tokens", 0) or 0)
+        if not n:
+            continue
+        loc = getattr(st, "loc_nonfinite", None)
+        where = fmt_loc(loc, token_text) if loc is not None else {}
+        rows.append({"model": prof.model, "site": site.name, "kind": site.kind, "nonfinite_tokens": n,
+                     "finite_tokens": int(getattr(st, "tokens", 0) or 0),
+                     "all_nonfinite": not getattr(st, "count", 0),
+                     "first_sample": where.get("sample"), "first_pos": where.get("pos"),
+                     "first_token": where.get("token")})
+    return rows
+
+
+def print_nonfinite(rows: list[dict[str, Any]]) -> None:
+    """The sites with NaN/Inf on the console (all-NaN sites too, which have no statistics to show)."""
+    from rich.table import Table
+
+    from outlierkit._utils.log import get_console
+
+    table = Table(title="Sites with NaN/Inf activations (excluded from the statistics)", title_style="bold red")
+    cols = ["model", "site", "kind", "nonfinite_tokens", "finite_tokens", "all_nonfinite", "first_sample",
+            "first_pos", "first_token"]
+    for c in cols:
+        table.add_column(c.replace("_", " "))
+    for r in rows:
+        table.add_row(*[cell(r.get(c)) for c in cols])
+    get_console().print(table)
 
 
 def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config: dict[str, Any],
@@ -82,7 +151,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     import gc
     import warnings
 
-    from outlierkit._utils.log import log
+    from outlierkit._utils.log import log, warning
     from outlierkit._utils.seed import seed_everything
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.models import load_model
@@ -99,8 +168,10 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
             warnings.simplefilter("always")
             loaded = load_model(source, dtype=args.dtype, device=args.device, device_map=args.device_map,
                                 trust_remote_code=args.trust_remote_code)
-        notes += [f"{loaded.name}: {w.message}" for w in caught if "outlierkit" in str(w.filename) or
-                  "architecture" in str(w.message) or "fp16" in str(w.message)]
+        for w in caught:  # outlierkit's own (fp16, generic fallback): on the console now and in the report
+            if "outlierkit" in str(w.filename) or "architecture" in str(w.message) or "fp16" in str(w.message):
+                notes.append(f"{loaded.name}: {w.message}")
+                warning(notes[-1])
         name = loaded.name if loaded.name not in [p.model for p in profiles] else f"{loaded.name}#{k}"
         done = stage / f"profile-{k}" if stage is not None else None
         if done is not None and args.resume and done.with_suffix(".json").exists():
@@ -130,13 +201,22 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     report = build_profile_report(profiles, texts, stage, config, warnings=notes)
     for k in range(len(profiles)):
         report.artifacts[f"statistics_{k}"] = f"profile-{k}.safetensors"
+    bad = [r for p, t in zip(profiles, texts, strict=True) for r in nonfinite_rows(p, t)]
+    report.metrics["nonfinite_sites"] = len(bad)
+    if bad:
+        report.add_table(NONFINITE_TABLE, bad)
+        report.warn(f"NaN/Inf in the forward pass at {len(bad)} site(s) ({sum(r['all_nonfinite'] for r in bad)} "
+                    f"entirely non-finite): the statistics are unusable; see the {NONFINITE_TABLE} table")
+    if any(getattr(p, "unusable", False) for p in profiles):  # the profiler's own verdict, where it has one
+        report.metrics["unusable"] = True
     report.save(stage)
     return report, [summary_row(p, t) for p, t in zip(profiles, texts, strict=True)]
 
 
 def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from outlierkit._utils.log import stdout_console
 
     table = Table(title="Activation outliers (global max over embedding, residual, attention, MLP, final norm)")
     cols = ["model", "global_max", "where", "token", "massive_tokens", "int8_absmax_sqnr_db_at_peak",
@@ -147,7 +227,7 @@ def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
         table.add_column(h)
     for r in rows:
         table.add_row(*[cell(r.get(c)) for c in cols])
-    console = Console()
+    console = stdout_console()
     console.print(table)
     console.print(f"report: {out / 'report.md'} (plots: layerwise_max.png, top_channels.png, sqnr_vs_max.png)")
 
