@@ -51,7 +51,7 @@ def test_profile_cli_compares_several_models(tiny_llama_dir, tmp_path):
     assert all(f"{n}.global_max" in data["metrics"] for n in names)
 
 
-def test_profile_cli_resume_after_interrupt(tiny_llama_dir, tmp_path, monkeypatch):
+def test_profile_cli_resume_after_interrupt(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     import outlierkit.llm.profile as prof_mod
 
     out = tmp_path / "res"
@@ -70,7 +70,18 @@ def test_profile_cli_resume_after_interrupt(tiny_llama_dir, tmp_path, monkeypatc
     assert main(args) == 130
     assert not out.exists() and (tmp_path / "res.partial" / "checkpoint-0.json").exists()
     monkeypatch.setattr(prof_mod.Collector, "begin_batch", real)
+    capsys.readouterr()
+    # regression: a resume with other inputs was accepted and mixed two corpora; refused, checkpoints kept
+    data = tmp_path / "other.txt"
+    data.write_text("Some other text about activation outliers in transformers. " * 40)
+    for other in (["--samples", "10"], ["--seq-len", "20"], ["--seed", "1"], ["--data", str(data)]):
+        changed = [*args[:-2], *other, "--out", str(out), "--resume"]
+        assert main(changed) == 2
+        err = capsys.readouterr().err
+        assert "--resume with other inputs" in err and other[0] in err and len(err.strip().splitlines()) == 1
+        assert (tmp_path / "res.partial" / "checkpoint-0.json").exists() and not out.exists()
     assert main([*args, "--resume"]) == 0
+    assert not (out / "inputs.json").exists()
     resumed = json.loads((out / "report.json").read_text())
     assert main([*args[:-1], str(tmp_path / "ref")]) == 0
     ref = json.loads((tmp_path / "ref" / "report.json").read_text())

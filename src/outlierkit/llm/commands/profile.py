@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
         run_profiles(args, opts, None, config, shard=(rank, world))
         return 0
     with staged_output(args.out, force=args.force, resume=args.resume, keep_on_error=True) as stage:
+        pin_inputs(stage, run_inputs(args, int8_check), resume=args.resume)
         report, summary = run_profiles(args, opts, stage, config, shard=(rank, world))
+        (stage / INPUTS_FILE).unlink(missing_ok=True)  # only needed while the run can be resumed
     print_summary(summary, Path(args.out))
     bad = report.tables.get(NONFINITE_TABLE, []) if report is not None else []
     if bad or (report is not None and report.metrics.get("unusable")):
@@ -96,14 +99,60 @@ def run(args: argparse.Namespace) -> int:
         models = sorted({str(r["model"]) for r in bad}) or [str(m) for m in args.models]
         from outlierkit.cli import EXIT_UNUSABLE, print_error
 
-        print_error(f"the forward pass of {', '.join(models)} produced NaN/Inf at {len(bad)} site(s) (table above); "
-               f"the statistics are unusable. The report in {args.out} is kept for diagnosis (exit "
-               f"{EXIT_UNUSABLE}). Check the weights and --dtype (fp16 overflows on outliers)")
+        print_error(f"the forward pass of {', '.join(models)} produced NaN/Inf at {len(bad)} site(s) (table "
+                    f"above); the statistics are unusable. The report in {args.out} is kept for diagnosis (exit "
+                    f"{EXIT_UNUSABLE}). Check the weights and --dtype (fp16 overflows on outliers)")
         return EXIT_UNUSABLE
     return 0
 
 
 NONFINITE_TABLE = "nonfinite_sites"
+INPUTS_FILE = "inputs.json"
+# Options that change which tokens are profiled or how they are counted: a resume must not mix them.
+RESUME_KEYS = ("models", "data", "text_field", "samples", "seq_len", "seed", "level", "hist_stride", "batch_size",
+               "massive_abs", "massive_ratio", "dtype", "int8_check")
+
+
+def _fingerprint(path: str) -> Any:
+    """A data path by size and modification time (every file under a directory), so edited data is noticed."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+    return [str(p.resolve()), [[str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size,
+                                f.stat().st_mtime_ns] for f in files]]
+
+
+def run_inputs(args: argparse.Namespace, int8_check: bool) -> dict[str, Any]:
+    """What a run profiles, in a JSON-comparable form (model paths resolved, data fingerprinted)."""
+    values = {k: getattr(args, k, None) for k in RESUME_KEYS}
+    values["int8_check"] = int8_check
+    values["models"] = [str(Path(m).resolve()) if Path(m).exists() else m for m in args.models]
+    values["data"] = [_fingerprint(d) for d in args.data] if args.data else None
+    return json.loads(json.dumps(values))
+
+
+def pin_inputs(stage: Path, inputs: dict[str, Any], *, resume: bool) -> None:
+    """Record the inputs in ``OUT.partial``; ``--resume`` with other inputs is refused (it would mix corpora)."""
+    from outlierkit._utils.io import atomic_write_text
+    from outlierkit.errors import ConfigError
+
+    path = stage / INPUTS_FILE
+    if resume and path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if not isinstance(before, dict):
+            raise ConfigError(f"{path} is unreadable; cannot check that --resume continues the same run (delete "
+                              f"{stage} and run without --resume)")
+        changed = [k for k in RESUME_KEYS if before.get(k) != inputs.get(k)]
+        if changed:
+            what = ", ".join(f"--{k.replace('_', '-')}" + (f" {before.get(k)} -> {inputs.get(k)}"
+                                                           if k not in ("data", "models") else " (changed)")
+                             for k in changed)
+            raise ConfigError(f"--resume with other inputs than the interrupted run in {stage}: {what}; rerun "
+                              "with the same options, or without --resume to start over")
+        return
+    atomic_write_text(path, json.dumps(inputs, indent=1) + "\n")
 
 
 def nonfinite_rows(prof: Any, token_text: Any) -> list[dict[str, Any]]:
@@ -221,7 +270,7 @@ def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     table = Table(title="Activation outliers (global max over embedding, residual, attention, MLP, final norm)")
     cols = ["model", "global_max", "where", "token", "massive_tokens", "int8_absmax_sqnr_db_at_peak",
             "int8_p99.9_sqnr_db_at_peak"]
-    heads = ["model", "global max", "where", "token", "massive tokens", "INT8 SQNR@peak (absmax)",
+    heads = ["model", "global max", "where", "token", "massive tokens (residual sites)", "INT8 SQNR@peak (absmax)",
              "INT8 SQNR@peak (p99.9)"]
     for h in heads:
         table.add_column(h)
