@@ -154,11 +154,12 @@ def test_profile_summary_on_a_pipe_is_not_squeezed(capsys, tmp_path, monkeypatch
 
     monkeypatch.delenv("COLUMNS", raising=False)
     row = {"model": "a-model-with-a-long-name-0123456789", "global_max": 1234.5,
-           "where": "model.layers.17.post_attention_layernorm (max)", "token": "[CLS]", "massive_tokens": 48,
+           "where": "model.layers.17.post_attention_layernorm (max)", "token": "[unused0]", "massive_tokens": 48,
            "int8_absmax_sqnr_db_at_peak": 30.5, "int8_p99.9_sqnr_db_at_peak": 20.25}
     print_summary([row], tmp_path)  # outside main(): the console sizes itself
     out = capsys.readouterr().out
     assert "…" not in out and row["model"] in out and row["where"] in out
+    assert "[unused0]" in out  # a token that looks like rich markup is printed, not swallowed
 
 
 def test_progress_logs_lines_when_not_a_terminal(capsys, monkeypatch):

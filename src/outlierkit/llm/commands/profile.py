@@ -181,6 +181,7 @@ def nonfinite_rows(prof: Any, token_text: Any) -> list[dict[str, Any]]:
 def print_nonfinite(rows: list[dict[str, Any]]) -> None:
     """The sites with NaN/Inf on the console (all-NaN sites too, which have no statistics to show)."""
     from rich.table import Table
+    from rich.text import Text
 
     from outlierkit._utils.log import get_console
 
@@ -190,7 +191,7 @@ def print_nonfinite(rows: list[dict[str, Any]]) -> None:
     for c in cols:
         table.add_column(c.replace("_", " "))
     for r in rows:
-        table.add_row(*[cell(r.get(c)) for c in cols])
+        table.add_row(*[Text(cell(r.get(c))) for c in cols])  # tokens like [unused0] are not markup
     get_console().print(table)
 
 
@@ -213,6 +214,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     texts: list[Any] = []
     notes: list[str] = []
     for k, source in enumerate(args.models):
+        log(f"loading {source} ({k + 1}/{len(args.models)})")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loaded = load_model(source, dtype=args.dtype, device=args.device, device_map=args.device_map,
@@ -247,6 +249,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
         gc.collect()
     if stage is None:
         return None, []
+    log("writing the report and plots")
     report = build_profile_report(profiles, texts, stage, config, warnings=notes)
     for k in range(len(profiles)):
         report.artifacts[f"statistics_{k}"] = f"profile-{k}.safetensors"
@@ -264,6 +267,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
 
 def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from outlierkit._utils.log import stdout_console
 
@@ -275,7 +279,7 @@ def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     for h in heads:
         table.add_column(h)
     for r in rows:
-        table.add_row(*[cell(r.get(c)) for c in cols])
+        table.add_row(*[Text(cell(r.get(c))) for c in cols])  # tokens like [unused0] are not markup
     console = stdout_console()
     console.print(table)
     console.print(f"report: {out / 'report.md'} (plots: layerwise_max.png, top_channels.png, sqnr_vs_max.png)")
