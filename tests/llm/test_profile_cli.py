@@ -143,6 +143,21 @@ def test_few_samples_skip_the_int8_check_with_a_warning(tiny_llama_dir, tmp_path
     assert data["config"]["int8_check"] is False and data["tables"]["int8"] == []
 
 
+def test_short_data_is_said_on_the_console(tiny_llama_dir, tmp_path, capsys, tok):
+    # regression: a corpus with fewer documents than --samples silently profiled fewer samples, and then
+    # failed on the INT8 check the user had not asked about
+    data = tmp_path / "two.txt"
+    data.write_text("First paragraph about outliers in language models. " * 12 + "\n\n" + "Second one. " * 60)
+    out = tmp_path / "short"
+    assert main(["profile", str(tiny_llama_dir), "--data", str(data), "--samples", "8", "--seq-len", "16",
+                 "--level", "basic", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "only 2 of the 8 requested samples" in err and "the INT8 check needs at least 3 samples" in err
+    # regression: --seq-len below the 8-token minimum failed with "no document has at least 8 tokens"
+    corpus = build_corpus(tok, load_documents([data]), samples=2, seq_len=4)
+    assert len(corpus) == 2 and all(len(s) == 4 for s in corpus.samples)
+
+
 def test_nan_forward_is_loud_and_exits_3(tmp_path, capsys):
     """A forward that produces NaN is not a success: console table of the NaN sites (also the all-NaN
     ones, which have no statistics), a one-line error, exit 3, and the report kept to diagnose it."""

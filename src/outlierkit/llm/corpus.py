@@ -132,7 +132,11 @@ def _dataset_documents(path: Path, text_field: str) -> list[Document]:
         import datasets
     except ImportError:
         raise DataError(f"{path} is a saved `datasets` dataset but the datasets package is not installed") from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, pyarrow errors, ...
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DataError(f"cannot load the saved dataset {path}: {detail}") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[sorted(ds.keys())[0]]
     if text_field not in ds.column_names:
@@ -240,6 +244,7 @@ def build_corpus(
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    min_tokens = min(min_tokens, seq_len)  # a short --seq-len caps every sample below the default minimum
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
     out: list[list[int]] = []
@@ -253,6 +258,11 @@ def build_corpus(
                 break
     if not out:
         raise DataError(f"no document has at least {min_tokens} tokens; pass more or longer text with --data")
+    if len(out) < samples:
+        from outlierkit._utils.log import warning
+
+        warning(f"only {len(out)} of the {samples} requested samples: the data has no more documents of at least "
+                f"{min_tokens} tokens; pass more text with --data for the full count")
     return TokenCorpus(out, sources, seq_len, int(pad))
 
 

@@ -198,6 +198,7 @@ def print_nonfinite(rows: list[dict[str, Any]]) -> None:
 def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config: dict[str, Any],
                  shard: tuple[int, int] = (0, 1)) -> tuple[Any, list[dict[str, Any]]]:
     """Profile every model in ``args.models``; returns (report, summary rows). Used by demo too."""
+    import dataclasses
     import gc
     import warnings
 
@@ -231,10 +232,15 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
         else:
             corpus = build_corpus(loaded.tokenizer, docs, samples=args.samples, seq_len=args.seq_len,
                                   seed=args.seed, max_length=loaded.max_length)
+            model_opts = opts
+            if opts.calib_fraction > 0 and len(corpus) < MIN_INT8_SAMPLES:  # the data had fewer than --samples
+                warning(f"{name}: the INT8 check needs at least {MIN_INT8_SAMPLES} samples and the data gave "
+                        f"{len(corpus)}; it is skipped")
+                model_opts = dataclasses.replace(opts, calib_fraction=0.0)
             log(f"{name}: {len(corpus)} samples, {corpus.n_tokens} tokens, level {opts.level}, "
                 f"{loaded.map.spec.name} table entry")
             ckpt = stage / f"checkpoint-{k}" if stage is not None and shard[1] == 1 else None
-            prof = profile_model(loaded.model, loaded.map, corpus, opts, name=name, checkpoint=ckpt,
+            prof = profile_model(loaded.model, loaded.map, corpus, model_opts, name=name, checkpoint=ckpt,
                                  resume=args.resume, shard=shard)
             prof = merge_distributed(prof)
             if done is not None:
