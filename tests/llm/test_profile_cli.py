@@ -186,16 +186,25 @@ def test_nan_forward_is_loud_and_exits_3(tmp_path, capsys):
     assert data["metrics"]["nonfinite_sites"] == 3 and not (tmp_path / "nan.partial").exists()
 
 
-def test_fp16_warning_reaches_the_console(tmp_path, capsys):
-    from outlierkit.llm.fixtures import save_tiny
+def test_fp16_and_generic_fallback_warnings_reach_the_console(tmp_path, capsys):
+    # regression: both warnings reached only report.md
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    bert = save_tiny(tmp_path / "bert", "bert")
+    from outlierkit.llm.fixtures import tokenizer
+
+    d = tmp_path / "neox"  # a family outside the architecture table: generic discovery
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    tokenizer().save_pretrained(d)
     out = tmp_path / "fp16"
-    assert main(["profile", str(bert), "--dtype", "fp16", "--samples", "3", "--seq-len", "16", "--level", "basic",
+    assert main(["profile", str(d), "--dtype", "fp16", "--samples", "3", "--seq-len", "16", "--level", "basic",
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert err.count("warning: bert: fp16 can overflow") == 1  # once, although it is in the report too
-    assert any("fp16" in w for w in json.loads((out / "report.json").read_text())["warnings"])
+    assert err.count("warning: neox: fp16 can overflow") == 1  # once, although it is in the report too
+    assert err.count("warning: neox: architecture 'gpt_neox' is not in outlierkit's table") == 1
+    warnings_ = json.loads((out / "report.json").read_text())["warnings"]
+    assert any("fp16" in w for w in warnings_) and any("generic discovery" in w for w in warnings_)
 
 
 def test_corpus_sources_and_determinism(tok, tmp_path):
