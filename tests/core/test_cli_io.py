@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 from outlierkit import ConfigError, Report
-from outlierkit._utils import atomic_write_text, progress, staged_output
+from outlierkit._utils import atomic_write_text, progress, stage, staged_output
 from outlierkit._utils.args import finite_float, nonneg_int, positive_float, positive_int
 from outlierkit._utils.log import PIPE_WIDTH, wide_pipes
 from outlierkit.cli import main
@@ -169,3 +169,14 @@ def test_progress_logs_lines_when_not_a_terminal(capsys, monkeypatch):
     assert len(lines) == 10 and lines[0] == "outlierkit: batches 2/20" and lines[-1] == "outlierkit: batches 20/20"
     assert list(progress(iter(range(3)), description="stage")) == [0, 1, 2]  # unknown length: a line each
     assert capsys.readouterr().err.strip().splitlines()[-1] == "outlierkit: stage 3/?"
+
+
+def test_stage_logs_start_and_time_but_claims_nothing_on_failure(capsys, monkeypatch):
+    monkeypatch.setenv("OUTLIERKIT_QUIET", "0")
+    with stage("quantizing"):
+        pass
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "outlierkit: quantizing ..." and lines[1].startswith("outlierkit: quantizing: done in ")
+    with pytest.raises(RuntimeError), stage("fitting"):
+        raise RuntimeError
+    assert "done" not in capsys.readouterr().err

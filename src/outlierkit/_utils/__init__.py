@@ -13,6 +13,7 @@ from outlierkit._utils.lazy import lazy_exports
 from outlierkit._utils.log import get_console as get_console
 from outlierkit._utils.log import log as log
 from outlierkit._utils.log import progress as progress
+from outlierkit._utils.log import stage as stage
 from outlierkit._utils.log import stdout_console as stdout_console
 from outlierkit._utils.log import warning as warning
 
@@ -25,7 +26,7 @@ _WHERE = {
     "finite_float": "outlierkit._utils.args", "positive_float": "outlierkit._utils.args",
 }
 
-__all__ = sorted([*_WHERE, "get_console", "log", "progress", "stdout_console", "warning"])
+__all__ = sorted([*_WHERE, "get_console", "log", "progress", "stage", "stdout_console", "warning"])
 
 
 __getattr__ = lazy_exports(__name__, _WHERE)

@@ -89,6 +89,21 @@ def log(message: str) -> None:
         get_console().print(f"[dim]outlierkit:[/dim] {escape(message)}", soft_wrap=True)
 
 
+@contextlib.contextmanager
+def stage(description: str) -> Iterator[None]:
+    """Log a line when a long step without an item loop starts and another with its time when it ends.
+
+    For steps that ``progress`` cannot count (loading a model, fitting, quantizing), so that no command
+    is silent for minutes; on failure nothing is claimed done.
+    """
+    import time
+
+    log(f"{description} ...")
+    t0 = time.perf_counter()
+    yield
+    log(f"{description}: done in {time.perf_counter() - t0:.1f} s")
+
+
 def warning(message: str) -> None:
     """A warning on stderr, once per message and run; shown also when ``OUTLIERKIT_QUIET`` hides progress."""
     text = " ".join(str(message).split())

@@ -203,6 +203,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     import warnings
 
     from outlierkit._utils.log import log, warning
+    from outlierkit._utils.log import stage as log_stage
     from outlierkit._utils.seed import seed_everything
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.models import load_model
@@ -215,8 +216,8 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     texts: list[Any] = []
     notes: list[str] = []
     for k, source in enumerate(args.models):
-        log(f"loading {source} ({k + 1}/{len(args.models)})")
-        with warnings.catch_warnings(record=True) as caught:
+        loading = log_stage(f"loading {source} ({k + 1}/{len(args.models)})")
+        with loading, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loaded = load_model(source, dtype=args.dtype, device=args.device, device_map=args.device_map,
                                 trust_remote_code=args.trust_remote_code)
