@@ -16,7 +16,7 @@ from outlierkit._utils import atomic_write_text, progress, stage, staged_output
 from outlierkit._utils.args import finite_float, nonneg_int, positive_float, positive_int
 from outlierkit._utils.log import PIPE_WIDTH, wide_pipes
 from outlierkit.cli import main
-from outlierkit.errors import DataError
+from outlierkit.errors import DataError, OutputExistsError
 
 
 def test_failed_run_leaves_no_empty_partial_dir(tmp_path):
@@ -43,6 +43,25 @@ def test_out_under_a_file_or_unwritable_dir_is_a_config_error(tmp_path):
         ro.mkdir(mode=0o500)
         with pytest.raises(ConfigError, match="not writable"), staged_output(ro / "out"):
             pass
+
+
+def test_force_replaces_only_earlier_outputs(tmp_path, monkeypatch):
+    # a typo in --out with --force must not delete a user's folder (or the working directory)
+    mine = tmp_path / "papers"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputExistsError, match="not an outlierkit output"), staged_output(mine, force=True):
+        pass
+    assert (mine / "thesis.tex").exists() and not (tmp_path / "papers.partial").exists()
+    monkeypatch.chdir(mine)
+    for out in (".", "", "..", str(tmp_path)):
+        with pytest.raises(OutputExistsError, match="working directory"), staged_output(out, force=True):
+            pass
+    (tmp_path / "empty").mkdir()
+    with staged_output(tmp_path / "empty", force=True) as stage:
+        atomic_write_text(stage / "report.json", "{}")
+    with staged_output(tmp_path / "empty", force=True) as stage:  # now an earlier output: replaced
+        atomic_write_text(stage / "report.json", "{}")
 
 
 def test_argument_types_reject_values_that_would_misbehave():

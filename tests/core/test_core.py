@@ -90,6 +90,7 @@ def test_staged_output_is_atomic(tmp_path):
     out = tmp_path / "run"
     with staged_output(out) as stage:
         atomic_write_text(stage / "a.txt", "1")
+        atomic_write_text(stage / "report.json", "{}")  # --force replaces only earlier outputs
     assert (out / "a.txt").read_text() == "1"
     with pytest.raises(OutputExistsError, match="--force"):
         with staged_output(out):

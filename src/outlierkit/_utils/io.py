@@ -50,7 +50,20 @@ def check_output(out: str | Path, *, force: bool = False) -> None:
         raise OutputExistsError(f"output path {p} exists and is not a directory; choose another --out")
     if p.exists() and not force:
         raise OutputExistsError(f"output directory {p} already exists; pass --force to replace it")
+    if p.exists():
+        _check_replaceable(p)
     _check_creatable(p)
+
+
+def _check_replaceable(p: Path) -> None:
+    """``--force`` replaces only an earlier run's output (it holds report.json) or an empty directory, never
+    the working directory or one above it: a typo in ``--out`` must not delete a user's folder."""
+    here, target = Path.cwd().resolve(), p.resolve()
+    if target == here or target in here.parents:
+        raise OutputExistsError(f"--out {p} is the working directory or above it; refusing to replace it")
+    if any(target.iterdir()) and not (target / "report.json").is_file():
+        raise OutputExistsError(f"{p} is not an outlierkit output (no report.json) and not empty; --force "
+                                "replaces only earlier outputs: choose another --out")
 
 
 def _check_creatable(p: Path) -> None:
