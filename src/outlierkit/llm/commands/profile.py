@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with staged_output(args.out, force=args.force, resume=args.resume, keep_on_error=True) as stage:
         pin_inputs(stage, run_inputs(args, int8_check), resume=args.resume)
-        report, summary = run_profiles(args, opts, stage, config, shard=(rank, world))
+        try:
+            report, summary = run_profiles(args, opts, stage, config, shard=(rank, world))
+        except BaseException:
+            if [f.name for f in stage.iterdir()] == [INPUTS_FILE]:  # nothing to resume: leave no OUT.partial
+                (stage / INPUTS_FILE).unlink()
+            raise
         (stage / INPUTS_FILE).unlink(missing_ok=True)  # only needed while the run can be resumed
     print_summary(summary, Path(args.out))
     bad = report.tables.get(NONFINITE_TABLE, []) if report is not None else []
