@@ -35,6 +35,11 @@ def models(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     import torch
 
     save_file({"shared.weight": torch.zeros(128, 16)}, str(t5 / "model.safetensors"))
+    from outlierkit.llm.fixtures import tiny_model, tokenizer
+
+    small = root / "small_vocab"  # a 1000-row embedding with the 30522-token MiniLM tokenizer
+    tiny_model("llama", vocab_size=1000, plant=False).save_pretrained(small)
+    tokenizer().save_pretrained(small)
     reports = root / "reports"
     reports.mkdir()
     (reports / "nokind.json").write_text(json.dumps({"metrics": {"a": 1.0}}))
@@ -43,8 +48,8 @@ def models(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     for kind in ("llm.profile", "llm.eval"):
         (reports / f"{kind}.json").write_text(json.dumps({"kind": kind, "metrics": {"x": 1.0}}))
     (root / "a_file").write_text("x")
-    return {"llama": tiny_llama_dir, "bert_no_vocab": bert, "truncated": trunc, "garbage": garbage, "t5": t5,
-            "reports": reports, "a_file": root / "a_file"}
+    return {"llama": tiny_llama_dir, "small_vocab": small, "bert_no_vocab": bert, "truncated": trunc,
+            "garbage": garbage, "t5": t5, "reports": reports, "a_file": root / "a_file"}
 
 
 P = "profile"
@@ -78,6 +83,8 @@ CASES: list[tuple[str, Callable[[dict[str, Path], str], list[str]], str]] = [
      "does not exist"),
     ("bert-tokenizer-without-vocab", lambda m, o: [P, str(m["bert_no_vocab"]), "--out", o],
      "vocabulary files are missing"),
+    ("tokenizer-of-another-model", lambda m, o: [P, str(m["small_vocab"]), "--out", o],
+     "embedding has 1000 rows"),
     ("truncated-safetensors", lambda m, o: [P, str(m["truncated"]), "--out", o], "model.safetensors is corrupt"),
     ("garbage-safetensors", lambda m, o: [P, str(m["garbage"]), "--out", o], "model.safetensors is corrupt"),
     ("encoder-decoder", lambda m, o: [P, str(m["t5"]), "--out", o], "encoder-decoder model (t5)"),

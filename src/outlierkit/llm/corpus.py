@@ -232,8 +232,13 @@ def build_corpus(
     seed: int = 0,
     min_tokens: int = 8,
     max_length: int | None = None,
+    vocab_size: int | None = None,
 ) -> TokenCorpus:
-    """Shuffle documents by seed, tokenize, keep ``samples`` samples of ``min_tokens``..``seq_len`` tokens."""
+    """Shuffle documents by seed, tokenize, keep ``samples`` samples of ``min_tokens``..``seq_len`` tokens.
+
+    With ``vocab_size`` (the model's embedding rows), a token id the model has no row for is a clear error
+    (the tokenizer belongs to another model) instead of an index error deep inside the forward pass.
+    """
     if samples < 1:
         raise ConfigError("--samples must be at least 1")
     if seq_len < 2:
@@ -258,6 +263,10 @@ def build_corpus(
                 break
     if not out:
         raise DataError(f"no document has at least {min_tokens} tokens; pass more or longer text with --data")
+    top = max(max(ids) for ids in out)
+    if vocab_size is not None and top >= vocab_size:
+        raise DataError(f"the tokenizer produced token id {top} but the model's embedding has {vocab_size} rows: "
+                        "the tokenizer files in the model directory belong to another model")
     if len(out) < samples:
         from outlierkit._utils.log import warning
 

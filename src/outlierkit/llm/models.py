@@ -389,6 +389,13 @@ class LoadedModel:
         return Path(self.source).name or self.source
 
     @property
+    def vocab_rows(self) -> int | None:
+        """Rows of the input embedding: every token id fed to the model must be below it."""
+        get = getattr(self.model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+
+    @property
     def max_length(self) -> int | None:
         cfg = self.model.config
         for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

@@ -237,7 +237,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
             prof = ActivationProfile.load(done)
         else:
             corpus = build_corpus(loaded.tokenizer, docs, samples=args.samples, seq_len=args.seq_len,
-                                  seed=args.seed, max_length=loaded.max_length)
+                                  seed=args.seed, max_length=loaded.max_length, vocab_size=loaded.vocab_rows)
             model_opts = opts
             if opts.calib_fraction > 0 and len(corpus) < MIN_INT8_SAMPLES:  # the data had fewer than --samples
                 warning(f"{name}: the INT8 check needs at least {MIN_INT8_SAMPLES} samples and the data gave "
