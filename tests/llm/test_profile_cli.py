@@ -305,6 +305,62 @@ def test_two_process_gloo_equals_one_process(tmp_path, corpus):
             torch.testing.assert_close(o.hist, st.hist)
 
 
+def _cli_rank(rank, world, port, argv, interrupt_at, codes):
+    """One torchrun-like rank running the CLI; ``interrupt_at`` batches in, a KeyboardInterrupt (Ctrl-C)."""
+    import torch.distributed as dist
+
+    import outlierkit.llm.profile as prof_mod
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OUTLIERKIT_QUIET="1")
+    if interrupt_at:
+        real, calls = prof_mod.Collector.begin_batch, {"n": 0}
+
+        def flaky(self, batch, device):
+            calls["n"] += 1
+            if calls["n"] == interrupt_at:
+                raise KeyboardInterrupt
+            return real(self, batch, device)
+
+        prof_mod.Collector.begin_batch = flaky
+    try:
+        codes[rank] = main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torchrun_writes_checkpoints_per_rank_and_resumes(tiny_llama_dir, tmp_path):
+    # regression: under torchrun no checkpoint was written, so an interrupted run could not resume
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def spawn(argv, interrupt_at=0):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        codes = mp.Manager().dict()
+        mp.spawn(_cli_rank, args=(2, port, argv, interrupt_at, codes), nprocs=2, join=True)
+        return [codes[r] for r in range(2)]
+
+    out = tmp_path / "dist"
+    argv = ["profile", str(tiny_llama_dir), "--samples", "12", "--seq-len", "24", "--batch-size", "2",
+            "--checkpoint-every", "1", "--level", "basic", "--out", str(out)]
+    assert spawn(argv, interrupt_at=2) == [130, 130]
+    stage = tmp_path / "dist.partial"
+    assert {f.name for f in stage.glob("checkpoint-*.json")} == {"checkpoint-0-rank0-of2.json",
+                                                                 "checkpoint-0-rank1-of2.json"}
+    assert spawn([*argv, "--resume"]) == [0, 0]
+    assert not stage.exists() and not list(out.glob("checkpoint-*"))
+    resumed = json.loads((out / "report.json").read_text())
+    assert spawn([*argv[:-1], str(tmp_path / "ref")]) == [0, 0]
+    ref = json.loads((tmp_path / "ref" / "report.json").read_text())
+    assert resumed["tables"]["sites"] == ref["tables"]["sites"] and resumed["config"]["world_size"] == 2
+
+
 def test_real_minilm_has_outlier_channels(tmp_path):
     lm = load_model("minilm")
     assert lm.map.spec.name == "bert" and not lm.map.generic

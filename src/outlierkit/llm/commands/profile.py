@@ -61,9 +61,16 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def run(args: argparse.Namespace) -> int:
     """Profile, write the report, print the summary; exit 3 when NaN/Inf made the statistics unusable."""
-    from outlierkit._utils.io import check_output, staged_output
+    from outlierkit._utils.io import check_output, partial_dir, staged_output
     from outlierkit._utils.log import warning
     from outlierkit.errors import ConfigError
     from outlierkit.llm.profile import ProfileOptions
@@ -86,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
     config["world_size"] = world
     config["int8_check"] = int8_check
     if rank != 0:
-        run_profiles(args, opts, None, config, shard=(rank, world))
+        # Rank 0 owns OUT.partial; the other ranks keep their checkpoints in it, once rank 0 made it.
+        _barrier(world)
+        run_profiles(args, opts, None, config, shard=(rank, world), work_dir=partial_dir(args.out))
         return 0
     with staged_output(args.out, force=args.force, resume=args.resume, keep_on_error=True) as stage:
-        pin_inputs(stage, run_inputs(args, int8_check), resume=args.resume)
+        pin_inputs(stage, {**run_inputs(args, int8_check), "world_size": world}, resume=args.resume)
+        _barrier(world)
         try:
             report, summary = run_profiles(args, opts, stage, config, shard=(rank, world))
         except BaseException:
@@ -149,7 +159,7 @@ def pin_inputs(stage: Path, inputs: dict[str, Any], *, resume: bool) -> None:
         if not isinstance(before, dict):
             raise ConfigError(f"{path} is unreadable; cannot check that --resume continues the same run (delete "
                               f"{stage} and run without --resume)")
-        changed = [k for k in RESUME_KEYS if before.get(k) != inputs.get(k)]
+        changed = [k for k in (*RESUME_KEYS, "world_size") if before.get(k) != inputs.get(k)]
         if changed:
             what = ", ".join(f"--{k.replace('_', '-')}" + (f" {before.get(k)} -> {inputs.get(k)}"
                                                            if k not in ("data", "models") else " (changed)")
@@ -201,8 +211,13 @@ def print_nonfinite(rows: list[dict[str, Any]]) -> None:
 
 
 def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config: dict[str, Any],
-                 shard: tuple[int, int] = (0, 1)) -> tuple[Any, list[dict[str, Any]]]:
-    """Profile every model in ``args.models``; returns (report, summary rows). Used by demo too."""
+                 shard: tuple[int, int] = (0, 1), work_dir: Path | None = None) -> tuple[Any, list[dict[str, Any]]]:
+    """Profile every model in ``args.models``; returns (report, summary rows). Used by demo too.
+
+    ``stage`` is where rank 0 writes the report (``None`` on the other ranks); ``work_dir`` (default
+    ``stage``) holds the checkpoints, one set per rank under ``torchrun``, and the finished profiles that
+    ``--resume`` skips.
+    """
     import dataclasses
     import gc
     import warnings
@@ -231,7 +246,8 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
                 notes.append(f"{loaded.name}: {w.message}")
                 warning(notes[-1])
         name = loaded.name if loaded.name not in [p.model for p in profiles] else f"{loaded.name}#{k}"
-        done = stage / f"profile-{k}" if stage is not None else None
+        work = work_dir if work_dir is not None else stage
+        done = work / f"profile-{k}" if work is not None else None
         if done is not None and args.resume and done.with_suffix(".json").exists():
             log(f"{name}: already profiled, loaded from {done.name}")
             prof = ActivationProfile.load(done)
@@ -245,20 +261,25 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
                 model_opts = dataclasses.replace(opts, calib_fraction=0.0)
             log(f"{name}: {len(corpus)} samples, {corpus.n_tokens} tokens, level {opts.level}, "
                 f"{loaded.map.spec.name} table entry")
-            ckpt = stage / f"checkpoint-{k}" if stage is not None and shard[1] == 1 else None
+            # one checkpoint per rank (each profiles every world-th batch); no dots: with_suffix adds .json
+            rank, world = shard
+            ckpt = (None if work is None else work / f"checkpoint-{k}" if world == 1
+                    else work / f"checkpoint-{k}-rank{rank}-of{world}")
             prof = profile_model(loaded.model, loaded.map, corpus, model_opts, name=name, checkpoint=ckpt,
                                  resume=args.resume, shard=shard)
             prof = merge_distributed(prof)
-            if done is not None:
+            if done is not None and stage is not None:  # rank 0: every rank holds the merged profile
                 prof.save(done)
-                for suffix in (".json", ".safetensors"):
-                    if ckpt is not None and ckpt.with_suffix(suffix).exists():
-                        ckpt.with_suffix(suffix).unlink()
+            _barrier(world)  # the merged profile is saved before any rank drops its checkpoint
+            for suffix in (".json", ".safetensors"):
+                if ckpt is not None and ckpt.with_suffix(suffix).exists():
+                    ckpt.with_suffix(suffix).unlink()
         profiles.append(prof)
         tok = loaded.tokenizer
         texts.append(lambda i, tok=tok: tok.convert_ids_to_tokens(int(i)))
         del loaded
         gc.collect()
+    _barrier(shard[1])  # every rank is done with OUT.partial before rank 0 renames it
     if stage is None:
         return None, []
     log("writing the report and plots")
