@@ -67,10 +67,16 @@ def print_error(message: str) -> None:
 
 def _show_warning(message: warnings.WarningMessage | Warning | str, category: type[Warning], filename: str,
                   lineno: int, file: object = None, line: str | None = None) -> None:
-    """Python warnings raised during a command reach the console as one ``outlierkit: warning:`` line."""
+    """Python warnings raised during a command reach the console as one ``outlierkit: warning:`` line,
+    naming the package that raised them when it is not outlierkit."""
     from outlierkit._utils.log import warning
 
-    warning(f"{message} ({category.__name__})" if category is not UserWarning else str(message))
+    parts = filename.replace("\\", "/").split("/")
+    origin = parts[parts.index("site-packages") + 1] if "site-packages" in parts[:-1] else None
+    if "outlierkit" in parts or origin is None or origin == "outlierkit":
+        warning(str(message) if category is UserWarning else f"{message} ({category.__name__})")
+    else:
+        warning(f"{message} ({category.__name__} from {origin})")
 
 
 @contextlib.contextmanager

@@ -125,6 +125,14 @@ def test_python_warnings_in_a_command_are_one_console_line(fake_command, capsys)
     err = capsys.readouterr().err
     assert err == "outlierkit: warning: architecture 'toy' is not in outlierkit's table\n"
 
+    def third_party(args):
+        warnings.warn_explicit("slow path", RuntimeWarning, "/venv/lib/site-packages/torch/nn/x.py", 1)
+        return 0
+
+    fake_command(third_party)
+    assert main(["fake"]) == 0
+    assert capsys.readouterr().err == "outlierkit: warning: slow path (RuntimeWarning from torch)\n"
+
 
 def test_argparse_errors_are_one_line(fake_command, capsys):
     fake_command(lambda args: 0)
