@@ -244,6 +244,11 @@ class ActivationProfile:
         """``"unusable"`` when :meth:`problems` lists anything: the run must not look like a success."""
         return "unusable" if self.problems() else "ok"
 
+    @property
+    def unusable(self) -> bool:
+        """True when the statistics must not be presented as a result (see :meth:`problems`)."""
+        return bool(self.problems())
+
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "model": self.model, "model_type": self.model_type,
@@ -367,8 +372,9 @@ class BatchIndex:
     def on(self, device: torch.device) -> dict[str, torch.Tensor]:
         """``valid`` (N,) flat row indices and ``info`` (N, 3) on ``device`` (copied on first use)."""
         if device not in self._on:
-            self._on[device] = {"valid": self.valid.to(device, non_blocking=True),
-                                "info": self._info.to(device, non_blocking=True)}
+            # copy=True: each device key owns its tensors, also the host's own (N longs per batch)
+            self._on[device] = {"valid": self.valid.to(device, copy=True),
+                                "info": self._info.to(device, copy=True)}
         return self._on[device]
 
     def chunks(self, device: torch.device, rows: int) -> list[Chunk]:
@@ -384,7 +390,7 @@ class BatchIndex:
                 keep = None
                 if self._keep is not None:
                     lo, hi = bisect.bisect_left(self._keep, start), bisect.bisect_left(self._keep, stop)
-                    keep = (torch.tensor(self._keep[lo:hi], dtype=torch.long) - start).to(device)
+                    keep = (torch.tensor(self._keep[lo:hi], dtype=torch.long) - start).to(device, copy=True)
                 out.append(Chunk(start, stop, d["valid"][start:stop] if self.padded else None, keep,
                                  d["info"][start:stop], self.massive_any[device]))
             self._chunks[key] = out
@@ -458,6 +464,11 @@ class Collector:
             self.massive_tokens += int(self._massive.cpu())
             self._massive = None
 
+    def device_of(self, site: Site, x: torch.Tensor) -> torch.device:
+        """The device whose copy of the batch index and whose accumulator a site's activation uses: the
+        activation's own device (a test can map sites to distinct device keys to drive a split model)."""
+        return x.device
+
     def _record(self, site: Site, x: torch.Tensor) -> None:
         idx = self.index
         assert idx is not None, "begin_batch must run before the forward"
@@ -473,13 +484,14 @@ class Collector:
         if st is None:
             st = self.stats[site.name] = SiteStats(channels=c, per_token=site.kind in PER_TOKEN_KINDS,
                                                    stride=self.hist_stride)
+        dev = self.device_of(site, flat)
         accs = self._acc.setdefault(site.name, {})
-        acc = accs.get(flat.device)
+        acc = accs.get(dev)
         if acc is None:
             th = tuple(self.thresholds.get(site.name, {}).values())
-            acc = accs[flat.device] = SiteAccumulator(c, flat.device, per_token=st.per_token, thresholds=th)
+            acc = accs[dev] = SiteAccumulator(c, dev, per_token=st.per_token, thresholds=th)
         rows = chunk_rows(x.numel(), x.element_size(), c)
-        for ch in idx.chunks(flat.device, rows):
+        for ch in idx.chunks(dev, rows):
             acc.update(flat if ch.rows is not None else flat[ch.start:ch.stop], ch,
                        massive_abs=self.massive_abs, massive_ratio=self.massive_ratio)
 
