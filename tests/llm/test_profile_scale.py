@@ -163,3 +163,95 @@ def test_temporary_memory_per_hook_within_one_activation(dtype, stride):
     st = col.stats["s"]
     assert st.tokens == 2 * (1024 + 700) and st.absmax == pytest.approx(2e4, rel=1e-2)
     assert col.int8["s"]["absmax"].count == st.count
+
+
+def _same_statistics(a, b) -> None:
+    assert a.massive_tokens == b.massive_tokens and a.tokens == b.tokens
+    for name, st in a.stats.items():
+        o = b.stats[name]
+        assert (o.count, o.vmax, o.vmin, o.loc_max, o.loc_min, o.massive_tokens) == \
+            (st.count, st.vmax, st.vmin, st.loc_max, st.loc_min, st.massive_tokens), name
+        assert o.s2 == pytest.approx(st.s2, rel=1e-9) and o.d4 == pytest.approx(st.d4, rel=1e-9)
+        torch.testing.assert_close(o.hist, st.hist, rtol=0, atol=0)
+        torch.testing.assert_close(o.ch_max, st.ch_max.to(o.ch_max.device), rtol=0, atol=0)
+        torch.testing.assert_close(o.top_vals, st.top_vals.to(o.top_vals.device))
+    for name, checks in a.int8.items():
+        for kind, chk in checks.items():
+            assert b.int8[name][kind].threshold == chk.threshold
+            assert b.int8[name][kind].sqnr_db == pytest.approx(chk.sqnr_db, rel=1e-9)
+
+
+def test_split_model_indexes_on_each_sites_device(corpus, monkeypatch):
+    """Device maps (regression: the valid-token index lived on the first parameter's device, so a hook on
+    a second device indexed across devices). On CPU a second device is a second device *key*: layers >= 1
+    and the final norm report ``cpu:1``; every hook must then use the batch index's copy for its own key,
+    and the statistics must be those of the unsplit model."""
+    from outlierkit.llm.profile import BatchIndex, Collector
+    from outlierkit.llm.stats import SiteAccumulator
+
+    model = tiny_model("llama")
+    mm = resolve(model)
+    opts = ProfileOptions(batch_size=3, calib_fraction=0.4)
+    whole = profile_model(model, mm, corpus, opts)
+    first, second = torch.device("cpu"), torch.device("cpu", 1)
+    indexes: list[BatchIndex] = []  # kept alive: storages are not reused, so pointers identify copies
+    used: list[tuple[torch.device, int]] = []
+    real_init, real_update = BatchIndex.__init__, SiteAccumulator.update
+
+    def init(self: Any, *a: Any, **k: Any) -> None:
+        real_init(self, *a, **k)
+        indexes.append(self)
+
+    def update(self: Any, x: torch.Tensor, chunk: Any, **k: Any) -> None:
+        used.append((self.device, chunk.info.untyped_storage().data_ptr()))
+        real_update(self, x, chunk, **k)
+
+    monkeypatch.setattr(BatchIndex, "__init__", init)
+    monkeypatch.setattr(SiteAccumulator, "update", update)
+    monkeypatch.setattr(Collector, "device_of", lambda self, site, x: second if site.layer >= 1 or
+                        site.kind == "final_norm" else first)
+    split = profile_model(model, mm, corpus, opts)
+    monkeypatch.undo()
+    copies = {dev: {i._on[dev]["info"].untyped_storage().data_ptr() for i in indexes} for dev in (first, second)}
+    assert all(set(i._on) == {first, second} for i in indexes)
+    assert not copies[first] & copies[second]  # one copy per device key
+    assert {d for d, _ in used} == {first, second}
+    assert all(ptr in copies[dev] for dev, ptr in used)  # every update indexed with its own device's copy
+    _same_statistics(whole, split)
+
+
+def _move_inputs(device: torch.device):
+    def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+        def mv(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, tuple):
+                return tuple(mv(t) for t in v)
+            return v
+        return tuple(mv(a) for a in args), {k: mv(v) for k, v in kwargs.items()}
+    return hook
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: a real split over cpu and cuda")
+def test_real_split_over_cpu_and_cuda(corpus):
+    from outlierkit.llm.models import get_attr
+
+    model = tiny_model("llama")
+    mm = resolve(model)
+    opts = ProfileOptions(batch_size=3, calib_fraction=0.4)
+    whole = profile_model(model, mm, corpus, opts)
+    cuda = torch.device("cuda")
+    handles = []
+    for fqn in [*mm.layers[1:], mm.final_norm]:
+        mod = get_attr(model, fqn)
+        mod.to(cuda)
+        handles.append(mod.register_forward_pre_hook(_move_inputs(cuda), with_kwargs=True))
+    try:
+        split = profile_model(model, mm, corpus, opts)
+    finally:
+        for h in handles:
+            h.remove()
+    assert split.global_max() is not None
+    for name, st in whole.stats.items():
+        o = split.stats[name]
+        assert o.count == st.count and o.vmax == pytest.approx(st.vmax, rel=1e-5) and o.loc_max == st.loc_max
