@@ -103,6 +103,7 @@ def test_two_processes_equal_one_process_int8_included(tmp_path):
     _assert_equal_to_single(tmp_path, "plain")
 
 
+@pytest.mark.slow
 def test_each_rank_checkpoints_and_resumes(tmp_path):
     # regression: no checkpoints were written under torchrun
     _spawn(tmp_path, "crash")

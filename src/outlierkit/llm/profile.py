@@ -684,7 +684,7 @@ def _warn(message: str) -> None:
     from outlierkit._utils.log import get_console
 
     get_console().print(f"[yellow]outlierkit: warning:[/yellow] {message}")
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=4)  # the caller of profile_model (past torch.no_grad's wrapper)
 
 
 @torch.no_grad()
