@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field

@@ -175,7 +175,8 @@ def build_profile_report(
     for p, t in zip(profiles, token_texts, strict=True):
         prefix = "" if len(profiles) == 1 else f"{p.model}."
         s = summary_row(p, t)
-        for k in ("global_max", "where", "token", "massive_tokens", "massive_site_hits", "tokens", "status", "int8_absmax_sqnr_db_at_peak",
+        for k in ("global_max", "where", "token", "massive_tokens", "massive_site_hits", "tokens", "status",
+                  "int8_absmax_sqnr_db_at_peak",
                   "int8_p99.9_sqnr_db_at_peak", "int8_absmax_sqnr_db_mean", "int8_p99.9_sqnr_db_mean"):
             if k in s:
                 rep.metrics[prefix + k] = s[k]

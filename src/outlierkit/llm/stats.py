@@ -387,9 +387,9 @@ class SiteAccumulator:
 
     def __init__(self, channels: int, device: torch.device, *, per_token: bool = True,
                  thresholds: tuple[float, ...] = ()) -> None:
-        f64 = {"dtype": torch.float64, "device": device}
-        f32 = {"dtype": torch.float32, "device": device}
-        i64 = {"dtype": torch.long, "device": device}
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": device}
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": device}
+        i64: dict[str, Any] = {"dtype": torch.long, "device": device}
         self.channels, self.device, self.per_token, self.thresholds = channels, device, per_token, thresholds
         self.sums = torch.zeros(11, **f64)
         self.vmin = torch.tensor(math.inf, **f32)
