@@ -493,6 +493,8 @@ class Collector:
         for ch in idx.chunks(dev, rows):
             acc.update(flat if ch.rows is not None else flat[ch.start:ch.stop], ch,
                        massive_abs=self.massive_abs, massive_ratio=self.massive_ratio)
+        d = idx.on(dev)
+        acc.end_hook(flat, d["valid"] if idx.padded else None, d["info"])
 
     def _expert_hook(self, layer: int, fqn: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -116,6 +116,7 @@ class SiteStats:
         keep = subsample_rows(info, self.stride)
         acc.update(x, Chunk(0, x.shape[0], None, None if keep is None else keep.to(x.device), idx),
                    massive_abs=massive_abs, massive_ratio=massive_ratio)
+        acc.end_hook(x, None, idx)
         acc.flush_into(self)
 
     def _merge_top(self, vals: torch.Tensor, locs: torch.Tensor) -> None:
@@ -410,6 +411,7 @@ class SiteAccumulator:
         self.int8 = torch.zeros(len(thresholds), len(_I8_FIELDS), **f64)
         self.empty = True
         self._mass_count = torch.zeros((), dtype=torch.long, device=device)
+        self._cand: list[tuple[torch.Tensor, ...]] = []  # per chunk: massive-test candidates (end_hook)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, chunk: Chunk, *, massive_abs: float = 100.0,
@@ -488,10 +490,12 @@ class SiteAccumulator:
                     i8.append(torch.zeros(len(_I8_FIELDS), dtype=torch.float64, device=xs.device))
                     continue
                 s = t / 127.0
-                err = xs.clamp(-t, t).div_(s).round_().mul_(s).sub_(xs).reshape(-1)
+                cl = xs.clamp(-t, t)
+                clipped = (cl != xs).sum()  # |x| > T: one comparison against the clamped copy
+                err = cl.div_(s).round_().mul_(s).sub_(xs).reshape(-1)
                 se2 = err @ err
                 sae = err.abs_().sum()
-                clipped = (xs > t).sum() + (xs < -t).sum()
+                del cl
                 i8.append(torch.stack([(n_fin * c).double(), s2.double(), se2.double(), sabs.double(),
                                        sae.double(), clipped.double()]))
             self.int8 += torch.stack(i8)
@@ -524,7 +528,11 @@ class SiteAccumulator:
 
     def _massive(self, xs: torch.Tensor, tmax: torch.Tensor, fin: torch.Tensor, top_rows: torch.Tensor,
                  info: torch.Tensor, chunk: Chunk, massive_abs: float, massive_ratio: float) -> None:
-        """Massive activations (Sun et al. 2024): max|x| > massive_abs and > massive_ratio x median|x|."""
+        """Massive activations (Sun et al. 2024): max|x| > massive_abs and > massive_ratio x median|x|.
+
+        Counted exactly for every token here; the ratios (which need the median itself) are computed once
+        per hook in :meth:`end_hook`, for a fixed number of candidate tokens kept from every chunk.
+        """
         n, c = xs.shape
         thr = (tmax / massive_ratio)[:, None]  # (n, 1)
         below = ((xs < thr) & (xs > -thr)).sum(dim=1)  # values with |x| < thr, per token
@@ -532,27 +540,45 @@ class SiteAccumulator:
         self._mass_count = hits.sum()
         if chunk.massive_any is not None:
             chunk.massive_any[chunk.start:chunk.stop] |= hits
-        # ratios for a fixed number of candidate rows: the top-k tokens by max|x| (max_token_ratio) and the
-        # largest massive tokens (the records)
-        q = min(MAX_MASSIVE_RECORDS, n)
+        # candidates: the top-k tokens by max|x| (for max_token_ratio) and the largest massive tokens (records)
+        q = min(TOPK, n)
         hkey, hrows = tmax.masked_fill(~hits, -math.inf).topk(q)
-        cand_rows = torch.cat([top_rows, hrows])
-        a = xs.index_select(0, cand_rows).abs_()  # (k + q, C)
-        ratio = tmax.index_select(0, cand_rows) / a.median(dim=1).values.clamp_min(1e-12)
-        ratio = ratio.masked_fill(~fin.index_select(0, cand_rows), 0.0)
+        tkey = tmax.masked_fill(~fin, -math.inf).gather(0, top_rows)
+        self._cand.append((tkey, top_rows + chunk.start, hkey, hrows + chunk.start))
+
+    @torch.no_grad()
+    def end_hook(self, x: torch.Tensor, valid: torch.Tensor | None, info: torch.Tensor) -> None:
+        """After a hook's chunks: per-token median of the candidate tokens (one median over at most
+        ``2 * TOPK`` rows per hook, not per chunk), for ``max_token_ratio`` and the massive-token records.
+
+        ``x`` is the flat activation, ``valid`` the batch's valid-row indices into it (None: rows are the
+        valid tokens), ``info`` ``(N, 3)`` of the batch.
+        """
+        if not self._cand:
+            return
+        tk, tr, hk, hr = (torch.cat(parts) for parts in zip(*self._cand, strict=True))
+        self._cand = []
+        tk, j1 = tk.topk(min(TOPK, tk.numel()))
+        hk, j2 = hk.topk(min(TOPK, hk.numel()))
+        rows = torch.cat([tr.gather(0, j1), hr.gather(0, j2)])  # (m,) rows among the batch's valid tokens
+        key = torch.cat([tk, hk])
+        a = x.index_select(0, rows if valid is None else valid.index_select(0, rows)).float().abs_()  # (m, C)
+        tmax = a.amax(dim=1)
+        ratio = (tmax / a.median(dim=1).values.clamp_min(1e-12)).masked_fill(key == -math.inf, 0.0)
+        ratio = ratio.nan_to_num(0.0)
         chan = a.argmax(dim=1)
-        cand_locs = torch.stack([info[cand_rows, 0], info[cand_rows, 1], chan, info[cand_rows, 2]], dim=1)
+        locs = torch.stack([info[rows, 0], info[rows, 1], chan, info[rows, 2]], dim=1)  # (m, 4)
         j = ratio.argmax()
         best = _at(ratio, j)
         better = best > self.max_ratio
-        self.loc_ratio = torch.where(better, _at(cand_locs, j), self.loc_ratio)
+        self.loc_ratio = torch.where(better, _at(locs, j), self.loc_ratio)
         self.max_ratio = torch.where(better, best, self.max_ratio)
-        k = top_rows.numel()
-        allv = torch.cat([self.mass_vals, hkey])
+        k = tk.numel()
+        allv = torch.cat([self.mass_vals, hk])
         _, order = allv.topk(MAX_MASSIVE_RECORDS)
         self.mass_vals = allv[order]
         self.mass_ratio = torch.cat([self.mass_ratio, ratio[k:]])[order]
-        self.mass_locs = torch.cat([self.mass_locs, cand_locs[k:]])[order]
+        self.mass_locs = torch.cat([self.mass_locs, locs[k:]])[order]
 
     def flush_into(self, st: SiteStats, checks: dict[str, Int8Check] | None = None,
                    names: tuple[str, ...] = ()) -> None:
