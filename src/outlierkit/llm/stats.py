@@ -412,6 +412,7 @@ class SiteAccumulator:
         self.empty = True
         self._mass_count = torch.zeros((), dtype=torch.long, device=device)
         self._cand: list[tuple[torch.Tensor, ...]] = []  # per chunk: massive-test candidates (end_hook)
+        self._powers = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0], **f64)  # of d1, d2, d3, d4, dabs (made once)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, chunk: Chunk, *, massive_abs: float = 100.0,
@@ -520,7 +521,7 @@ class SiteAccumulator:
         sq = sflat * sflat
         d = torch.stack([sflat.sum(), sflat @ sflat, sq @ sflat, sq @ sq,
                          torch.linalg.vector_norm(sflat, ord=1)]).double()
-        d = d * torch.exp2(e * torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0], dtype=torch.float64, device=d.device))
+        d = d * torch.exp2(e * self._powers)
         zero = torch.zeros((), dtype=torch.float64, device=xs.device)
         mass = self._mass_count if self.per_token else zero
         self.sums += torch.cat([torch.stack([p.double() for p in (*parts, dcount)]), d,
