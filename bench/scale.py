@@ -221,18 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 5 if gpu else 2)
     print(f"# bench/scale.py: device {device}, {dtype}, {args.threads} thread(s), {repeats} paired repeat(s)"
           + ("" if gpu else "; CPU: fp32 and fewer tokens (bf16 matmuls are ~50x slower here)"))
-    rows: list[dict[str, Any]] = []
+    cols = ["width", "tokens", "dtype", "level", "sites", "ratio", "ratio_min", "ratio_max", "bare_s",
+            "peak_per_hook_x_own", "peak_per_hook_x_largest", "host_reads_per_batch"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols), flush=True)
     for width in widths:
         tokens = args.tokens or ([128] if args.quick else [2048, 8192] if gpu else [256] if width == "7B"
                                  else [128])
         for t in tokens:
-            rows += measure(width, t, repeats, device, dtype)
-    cols = ["width", "tokens", "dtype", "level", "sites", "ratio", "ratio_min", "ratio_max", "bare_s",
-            "peak_per_hook_x_own", "peak_per_hook_x_largest", "host_reads_per_batch"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+            for r in measure(width, t, repeats, device, dtype):  # printed as measured
+                print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+                      + " |", flush=True)
     if not args.no_sampler:
         try:
             import scale_sampler
