@@ -255,3 +255,13 @@ def test_real_split_over_cpu_and_cuda(corpus):
     for name, st in whole.stats.items():
         o = split.stats[name]
         assert o.count == st.count and o.vmax == pytest.approx(st.vmax, rel=1e-5) and o.loc_max == st.loc_max
+
+
+def test_fused_moe_experts_have_no_host_reads_per_batch(corpus, monkeypatch):
+    # the per-expert routing statistics (token counts, input absmax) accumulate on the device too; only
+    # ``full`` level, which recomputes the routed experts, reads which experts got tokens (per MoE layer)
+    model = tiny_model("mixtral")
+    (r1, b1), (r2, b2) = (_count_reads(monkeypatch, model, corpus.subset(range(n)),
+                                       ProfileOptions(level="default", batch_size=2, calib_fraction=0.4))
+                          for n in (4, 8))
+    assert b2 > b1 and r2 == r1
