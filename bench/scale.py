@@ -151,8 +151,6 @@ def measure(width: str, tokens: int, repeats: int, device: torch.device, dtype: 
                 col.end_batch()
 
     bare()  # warm-up
-    for col in collectors.values():
-        profiled(col)
     bare_reads = HostReads()
     with bare_reads:
         bare()
