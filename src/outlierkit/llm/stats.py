@@ -478,6 +478,7 @@ class SiteAccumulator:
         allv, alll = torch.cat([self.top_vals, vals]), torch.cat([self.top_locs, locs])
         _, order = allv.abs().nan_to_num(-1.0).topk(TOPK)
         self.top_vals, self.top_locs = allv[order], alll[order]
+        del cand  # temporaries are released as soon as they are used: the peak stays within the budget
         parts = [n_fin, s1, s2]
         if self.per_token:
             self._massive(xs, tmax, fin, rows, info, chunk, massive_abs, massive_ratio)
@@ -496,7 +497,7 @@ class SiteAccumulator:
                 err = cl.div_(s).round_().mul_(s).sub_(xs).reshape(-1)
                 se2 = err @ err
                 sae = err.abs_().sum()
-                del cl
+                del cl, err
                 i8.append(torch.stack([(n_fin * c).double(), s2.double(), se2.double(), sabs.double(),
                                        sae.double(), clipped.double()]))
             self.int8 += torch.stack(i8)
@@ -563,9 +564,11 @@ class SiteAccumulator:
         hk, j2 = hk.topk(min(TOPK, hk.numel()))
         rows = torch.cat([tr.gather(0, j1), hr.gather(0, j2)])  # (m,) rows among the batch's valid tokens
         key = torch.cat([tk, hk])
-        a = x.index_select(0, rows if valid is None else valid.index_select(0, rows)).float().abs_()  # (m, C)
-        tmax = a.amax(dim=1)
-        ratio = (tmax / a.median(dim=1).values.clamp_min(1e-12)).masked_fill(key == -math.inf, 0.0)
+        # |x|, max and median are exact in the activation's dtype: no float32 copy of the candidates
+        a = x.index_select(0, rows if valid is None else valid.index_select(0, rows)).abs_()  # (m, C)
+        tmax = a.amax(dim=1).float()
+        med = a.median(dim=1).values.float()
+        ratio = (tmax / med.clamp_min(1e-12)).masked_fill(key == -math.inf, 0.0)
         ratio = ratio.nan_to_num(0.0)
         chan = a.argmax(dim=1)
         locs = torch.stack([info[rows, 0], info[rows, 1], chan, info[rows, 2]], dim=1)  # (m, 4)
