@@ -9,7 +9,10 @@ statistic; whole activations are never stored.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +22,24 @@ import torch
 from torch import nn
 
 from outlierkit._utils.hooks import HookSet, first_tensor
-from outlierkit._utils.io import atomic_write_text
+from outlierkit._utils.io import atomic_write_bytes, atomic_write_text
 from outlierkit._utils.log import log, progress
 from outlierkit.errors import ConfigError, DataError
 from outlierkit.llm.corpus import Batch, TokenCorpus
 from outlierkit.llm.models import ModelMap, get_attr, has_attr, is_fused_experts, is_linear
-from outlierkit.llm.stats import Int8Check, Loc, SiteStats, TokenInfo, update_int8_checks
+from outlierkit.llm.stats import (
+    Chunk,
+    Int8Check,
+    Loc,
+    SiteAccumulator,
+    SiteStats,
+    TokenInfo,
+    chunk_rows,
+    info_tensor,
+    subsample_rows,
+)
+
+CHECKPOINT_FORMAT = "outlierkit.profile/2"
 
 Level = Literal["basic", "default", "full"]
 LEVELS: tuple[str, ...] = ("basic", "default", "full")
@@ -121,7 +136,18 @@ class ExpertStats:
             self.gated_absmax = torch.zeros(self.n_experts)
             self.out_absmax = torch.zeros(self.n_experts)
 
+    def to_device(self, device: torch.device) -> None:
+        """Accumulate on ``device`` (a host-to-device copy the first time; never a read)."""
+        if self.tokens.device != device:
+            for k in ("tokens", "in_absmax", "gated_absmax", "out_absmax"):
+                setattr(self, k, getattr(self, k).to(device))
+
+    def to_host(self) -> None:
+        self.to_device(torch.device("cpu"))
+
     def merge(self, other: ExpertStats) -> ExpertStats:
+        self.to_host()
+        other.to_host()
         self.tokens = self.tokens + other.tokens
         self.in_absmax = torch.maximum(self.in_absmax, other.in_absmax)
         self.gated_absmax = torch.maximum(self.gated_absmax, other.gated_absmax)
@@ -131,7 +157,13 @@ class ExpertStats:
 
 @dataclass
 class ActivationProfile:
-    """The result of profiling one model: statistics per site, per expert, and the INT8 check."""
+    """The result of profiling one model: statistics per site, per expert, and the INT8 check.
+
+    ``massive_tokens`` counts distinct tokens that are massive at one or more per-token sites (embedding,
+    residual, attention, MLP, final norm); each site's ``SiteStats.massive_tokens`` counts that site's own
+    massive tokens, so the sum over sites (``massive_site_hits``) counts a token once per site where it is
+    massive and is at least ``massive_tokens``.
+    """
 
     model: str
     model_type: str
@@ -142,13 +174,23 @@ class ActivationProfile:
     batches_done: int = 0
     tokens: int = 0
     shape_warnings: list[str] = field(default_factory=list)  # sites whose tensors did not fit the batch
+    massive_tokens: int = 0  # distinct tokens massive at one or more per-token sites
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)  # INT8 thresholds, once calibrated
+    warnings: list[str] = field(default_factory=list)  # things the user must see (also printed when they arise)
+    inputs: dict[str, Any] = field(default_factory=dict)  # what the run depends on; a resume must match it
 
     def merge(self, other: ActivationProfile) -> ActivationProfile:
         """In place: statistics of both profiles' token sets (same model and sites)."""
         for name, st in other.stats.items():
-            self.stats[name].merge(st)
+            if name in self.stats:
+                self.stats[name].merge(st)
+            else:
+                self.stats[name] = SiteStats.from_state(*st.state())
         for name, ex in other.experts.items():
-            self.experts[name].merge(ex)
+            if name in self.experts:
+                self.experts[name].merge(ex)
+            else:
+                self.experts[name] = ex
         for name, checks in other.int8.items():
             mine = self.int8.setdefault(name, {})
             for kind, chk in checks.items():
@@ -158,7 +200,16 @@ class ActivationProfile:
                     mine[kind] = chk
         self.batches_done += other.batches_done
         self.tokens += other.tokens
+        self.massive_tokens += other.massive_tokens
+        self.thresholds = self.thresholds or other.thresholds
+        self.warnings += [w for w in other.warnings if w not in self.warnings]
+        self.shape_warnings += [w for w in other.shape_warnings if w not in self.shape_warnings]
         return self
+
+    @property
+    def massive_site_hits(self) -> int:
+        """Sum over per-token sites of each site's massive tokens (a token counts once per site)."""
+        return sum(st.massive_tokens for st in self.stats.values() if st.per_token)
 
     def global_max(self) -> tuple[str, float, Loc] | None:
         """Largest |max| or |min| over embedding, residual, attention, MLP outputs and final norm."""
@@ -169,40 +220,97 @@ class ActivationProfile:
                 best = (site.name, st.signed_absmax, st.loc_absmax)
         return best
 
+    def problems(self) -> list[str]:
+        """Why these statistics cannot be trusted (empty when they can): NaN/Inf in the forward, sites
+        that saw no finite value, no token at all."""
+        out: list[str] = []
+        if not any(st.count for st in self.stats.values()):
+            out.append(f"{self.model}: no finite activation reached any site")
+        bad = [(s.name, self.stats[s.name]) for s in self.sites if self.stats[s.name].nonfinite_tokens]
+        if bad:
+            name, st = bad[0]
+            loc = st.loc_nonfinite
+            out.append(f"{self.model}: NaN/Inf in the forward at {len(bad)} site(s) (first: {name}, "
+                       f"{st.nonfinite_tokens} token(s), sample {loc.sample}, pos {loc.pos}, channel "
+                       f"{loc.channel}); those tokens are excluded from the statistics")
+        empty = [s.name for s in self.sites if not self.stats[s.name].count and self.stats[s.name].nonfinite_tokens]
+        if empty:
+            out.append(f"{self.model}: {len(empty)} site(s) produced only NaN/Inf ({', '.join(empty[:5])})")
+        return out
+
+    @property
+    def status(self) -> Literal["ok", "unusable"]:
+        """``"unusable"`` when :meth:`problems` lists anything: the run must not look like a success."""
+        return "unusable" if self.problems() else "ok"
+
+    @property
+    def unusable(self) -> bool:
+        """True when the statistics must not be presented as a result (see :meth:`problems`)."""
+        return bool(self.problems())
+
     # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "model": self.model, "model_type": self.model_type,
+                "batches_done": self.batches_done, "tokens": self.tokens, "massive_tokens": self.massive_tokens,
+                "sites": [asdict(s) for s in self.sites], "stats": {}, "experts": {}, "int8": {},
+                "thresholds": self.thresholds, "warnings": self.warnings, "shape_warnings": self.shape_warnings,
+                "inputs": self.inputs}
+
     def save(self, path: str | Path) -> None:
-        """Write ``path.safetensors`` + ``path.json`` (both atomically) holding every statistic."""
+        """Write every statistic into ONE file, ``path.safetensors``, atomically (temp file + rename).
+
+        The file is self-validating: its header holds the metadata and the SHA-256 of its tensor data, so a
+        truncated or altered file is refused by :meth:`load`, and statistics and batch count can never come
+        from different writes. ``path.json`` is a small manifest (batches done, inputs, the file's SHA-256)
+        written afterwards for people and tools; loading never depends on it.
+        """
         from safetensors.torch import save
 
-        from outlierkit._utils.io import atomic_write_bytes
-
         tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"model": self.model, "model_type": self.model_type,
-                                "batches_done": self.batches_done, "tokens": self.tokens,
-                                "sites": [asdict(s) for s in self.sites], "stats": {}, "experts": {}, "int8": {}}
+        meta = self._meta()
         for name, st in self.stats.items():
             t, m = st.state()
-            tensors.update({f"stats/{name}/{k}": v.contiguous() for k, v in t.items()})
+            tensors.update({f"stats/{name}/{k}": v.detach().cpu().contiguous() for k, v in t.items()})
             meta["stats"][name] = m
         for name, ex in self.experts.items():
             for k in ("tokens", "in_absmax", "gated_absmax", "out_absmax"):
-                tensors[f"experts/{name}/{k}"] = getattr(ex, k).contiguous()
+                tensors[f"experts/{name}/{k}"] = getattr(ex, k).detach().cpu().contiguous()
             meta["experts"][name] = {"layer": ex.layer, "module": ex.module, "n_experts": ex.n_experts}
         meta["int8"] = {name: {k: asdict(c) for k, c in checks.items()} for name, checks in self.int8.items()}
+        text = json.dumps(meta, default=str)
+        digest = hashlib.sha256(_data_section(save(tensors, metadata={"profile": text}))).hexdigest()
+        data = save(tensors, metadata={"profile": text, "sha256": digest})
         p = Path(path)
-        atomic_write_bytes(p.with_suffix(".safetensors"), save(tensors))
-        atomic_write_text(p.with_suffix(".json"), json.dumps(meta, default=str))
+        atomic_write_bytes(p.with_suffix(".safetensors"), data)
+        manifest = {"format": CHECKPOINT_FORMAT, "file": p.with_suffix(".safetensors").name,
+                    "sha256_file": hashlib.sha256(data).hexdigest(), "batches_done": self.batches_done,
+                    "tokens": self.tokens, "inputs": self.inputs}
+        atomic_write_text(p.with_suffix(".json"), json.dumps(manifest, indent=1, default=str))
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether ``path`` holds a saved profile (its ``.safetensors`` file, the one :meth:`load` reads)."""
+        return Path(path).with_suffix(".safetensors").exists()
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationProfile:
+        """Read a profile written by :meth:`save`; a truncated, altered or foreign file is a ``DataError``."""
         from safetensors.torch import load
 
-        p = Path(path)
+        p = Path(path).with_suffix(".safetensors")
+        hint = "delete it and run without --resume"
         try:
-            meta = json.loads(p.with_suffix(".json").read_text())
-            tensors = load(p.with_suffix(".safetensors").read_bytes())
-        except (OSError, json.JSONDecodeError, Exception) as e:  # safetensors raises its own errors
-            raise DataError(f"cannot read profile checkpoint {p}: {e}; delete it and run without --resume") from None
+            data = p.read_bytes()
+            header = _header(data)
+            tensors = load(data)
+        except Exception as e:  # OSError, and safetensors' own errors for truncated/corrupt files
+            raise DataError(f"cannot read profile checkpoint {p}: {e}; {hint}") from None
+        md = header.get("__metadata__") or {}
+        if "profile" not in md or "sha256" not in md:
+            raise DataError(f"{p} has no integrity record (written by an older outlierkit or not a profile); {hint}")
+        if hashlib.sha256(_data_section(data)).hexdigest() != md["sha256"]:
+            raise DataError(f"profile checkpoint {p} is corrupt (its tensor data does not match its SHA-256); {hint}")
+        meta = json.loads(md["profile"])
         sites = [Site(**s) for s in meta["sites"]]
         stats = {}
         for name, m in meta["stats"].items():
@@ -215,13 +323,98 @@ class ActivationProfile:
             experts[name] = ExpertStats(**m, **arrays)
         int8 = {name: {k: Int8Check(**c) for k, c in checks.items()} for name, checks in meta["int8"].items()}
         return cls(model=meta["model"], model_type=meta["model_type"], sites=sites, stats=stats, experts=experts,
-                   int8=int8, batches_done=meta["batches_done"], tokens=meta["tokens"])
+                   int8=int8, batches_done=meta["batches_done"], tokens=meta["tokens"],
+                   massive_tokens=meta.get("massive_tokens", 0), thresholds=meta.get("thresholds", {}),
+                   warnings=meta.get("warnings", []), shape_warnings=meta.get("shape_warnings", []),
+                   inputs=meta.get("inputs", {}))
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + n:
+        raise ValueError("file is truncated")
+    out: dict[str, Any] = json.loads(data[8:8 + n])
+    return out
+
+
+def _data_section(data: bytes) -> bytes:
+    """The tensor bytes of a safetensors file (after its 8-byte length and JSON header)."""
+    return data[8 + int.from_bytes(data[:8], "little"):]
+
+
+class BatchIndex:
+    """Valid-token indices and token info of one batch, for every device the model's activations live on.
+
+    Built once per batch on the host, from the batch's host attention mask (no device read); the first hook
+    on a device copies what it needs there (``on``), so under a device map every hook indexes with tensors
+    on its own activation's device. ``chunks`` cuts the valid tokens into chunks of token rows for one
+    device and chunk size (cached: sites of equal width share them).
+    """
+
+    def __init__(self, batch: Batch, stride: int = 1) -> None:
+        mask = batch.attention_mask.bool()  # (B, T)
+        b, t = mask.shape
+        self.bt = b * t
+        valid = mask.flatten().nonzero().flatten()  # (N,)
+        self.n = valid.numel()
+        self.padded = self.n != self.bt
+        sample = torch.tensor(batch.sample_ids, dtype=torch.long)[valid // t]
+        self.info = TokenInfo(sample=sample, pos=valid % t, token=batch.input_ids.flatten()[valid])
+        self.valid = valid
+        keep = subsample_rows(self.info, stride)
+        self._keep: list[int] | None = None if keep is None else keep.tolist()
+        self._info = info_tensor(self.info)  # (N, 3)
+        self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._chunks: dict[tuple[torch.device, int], list[Chunk]] = {}
+        self.massive_any: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """``valid`` (N,) flat row indices and ``info`` (N, 3) on ``device`` (copied on first use)."""
+        if device not in self._on:
+            # copy=True: each device key owns its tensors, also the host's own (N longs per batch)
+            self._on[device] = {"valid": self.valid.to(device, copy=True),
+                                "info": self._info.to(device, copy=True)}
+        return self._on[device]
+
+    def chunks(self, device: torch.device, rows: int) -> list[Chunk]:
+        """The valid tokens in chunks of at most ``rows`` rows, with indices on ``device``."""
+        key = (device, rows)
+        if key not in self._chunks:
+            d = self.on(device)
+            if device not in self.massive_any:
+                self.massive_any[device] = torch.zeros(self.n, dtype=torch.bool, device=device)
+            out = []
+            for start in range(0, self.n, rows):
+                stop = min(start + rows, self.n)
+                keep = None
+                if self._keep is not None:
+                    lo, hi = bisect.bisect_left(self._keep, start), bisect.bisect_left(self._keep, stop)
+                    keep = (torch.tensor(self._keep[lo:hi], dtype=torch.long) - start).to(device, copy=True)
+                out.append(Chunk(start, stop, d["valid"][start:stop] if self.padded else None, keep,
+                                 d["info"][start:stop], self.massive_any[device]))
+            self._chunks[key] = out
+        return self._chunks[key]
+
+    def massive_count(self) -> torch.Tensor | None:
+        """Distinct massive tokens of this batch over every device's sites (a device tensor, not read)."""
+        masks = list(self.massive_any.values())
+        if not masks:
+            return None
+        union = masks[0]
+        for m in masks[1:]:
+            union = union | m.to(union.device)
+        return union.sum()
 
 
 class Collector:
     """Hooks that stream every site's activations into statistics; one instance per model.
 
-    Before each forward, ``begin_batch`` stores the attention mask so every hook keeps only real tokens.
+    Before each forward, ``begin_batch`` builds the batch's :class:`BatchIndex` so every hook keeps only real
+    tokens. Hooks never read from the device: each site accumulates on its activation's device (one
+    :class:`~outlierkit.llm.stats.SiteAccumulator` per site and device), and ``flush`` moves the totals into
+    host :class:`~outlierkit.llm.stats.SiteStats` at the end of the run, at a checkpoint or when the INT8
+    thresholds are calibrated. The one exception is ``full`` level on fused MoE experts: which experts got
+    tokens is read once per MoE layer and batch, to recompute only those experts.
     """
 
     def __init__(self, model: nn.Module, mm: ModelMap, sites: Sequence[Site], *, massive_abs: float = 100.0,
@@ -235,49 +428,73 @@ class Collector:
         self.thresholds: dict[str, dict[str, float]] = {}  # set to run the INT8 check
         self.experts_on = level in ("default", "full")
         self.experts_full = level == "full"
-        self._valid: torch.Tensor | None = None
-        self._info: TokenInfo | None = None
-        self._bt = 0
+        self.index: BatchIndex | None = None
         self.shape_warnings: list[str] = []
+        self.massive_tokens = 0  # distinct massive tokens, flushed
+        self._acc: dict[str, dict[torch.device, SiteAccumulator]] = {}
+        self._massive: torch.Tensor | None = None  # distinct massive tokens since the last flush (device)
 
     # -------------------------------------------------------------- batch context
-    def begin_batch(self, batch: Batch, device: torch.device) -> None:
-        mask = batch.attention_mask.bool()  # (B, T)
-        b, t = mask.shape
-        self._bt = b * t
-        valid = mask.flatten().nonzero().flatten()  # (N,)
-        rows = valid // t
-        sample = torch.tensor(batch.sample_ids, dtype=torch.long)[rows]
-        self._valid = valid.to(device)
-        self._info = TokenInfo(sample=sample.to(device), pos=(valid % t).to(device),
-                               token=batch.input_ids.flatten()[valid].to(device))
+    def begin_batch(self, batch: Batch, device: torch.device | None = None) -> None:
+        """Index the batch's valid tokens (host work on the host mask; ``device`` is not needed: every hook
+        gets the indices on its own activation's device)."""
+        self.index = BatchIndex(batch, self.hist_stride)
 
-    def _tokens(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """``x`` (B, T, C) or (B*T, C) -> the valid rows (N, C); None if the shape does not fit."""
-        if x.dim() < 2 or x.numel() // x.shape[-1] != self._bt:
-            if name not in self.shape_warnings:
-                self.shape_warnings.append(name)
-            return None
-        assert self._valid is not None
-        flat = x.reshape(-1, x.shape[-1]).detach()  # (B*T, C)
-        return flat if self._valid.numel() == self._bt else flat.index_select(0, self._valid)  # (N, C)
+    def end_batch(self) -> None:
+        """Add this batch's distinct massive tokens (over all sites and devices) to a device counter."""
+        if self.index is None:
+            return
+        cnt = self.index.massive_count()
+        if cnt is not None:
+            self._massive = cnt if self._massive is None else self._massive + cnt.to(self._massive.device)
+        self.index = None
+
+    def flush(self) -> None:
+        """Move every device-side total into the host statistics (the only place values are read back)."""
+        for name, accs in self._acc.items():
+            th = self.thresholds.get(name, {})
+            for acc in accs.values():
+                acc.flush_into(self.stats[name], self.int8.setdefault(name, {}) if acc.thresholds else None,
+                               tuple(th))
+        self._acc.clear()
+        for ex in self.experts.values():
+            ex.to_host()
+        if self._massive is not None:
+            self.massive_tokens += int(self._massive.cpu())
+            self._massive = None
+
+    def device_of(self, site: Site, x: torch.Tensor) -> torch.device:
+        """The device whose copy of the batch index and whose accumulator a site's activation uses: the
+        activation's own device (a test can map sites to distinct device keys to drive a split model)."""
+        return x.device
 
     def _record(self, site: Site, x: torch.Tensor) -> None:
-        xv = self._tokens(x, site.name)
-        if xv is None:
+        idx = self.index
+        assert idx is not None, "begin_batch must run before the forward"
+        if x.dim() < 2 or x.numel() // x.shape[-1] != idx.bt:
+            if site.name not in self.shape_warnings:
+                self.shape_warnings.append(site.name)
             return
+        flat = x.detach().reshape(-1, x.shape[-1])  # (B*T, C), a view for contiguous activations
         if site.half:
-            xv = xv[:, : xv.shape[1] // 2]
+            flat = flat[:, : flat.shape[1] // 2]
+        c = flat.shape[1]
         st = self.stats.get(site.name)
         if st is None:
-            st = self.stats[site.name] = SiteStats(channels=xv.shape[1], per_token=site.kind in PER_TOKEN_KINDS,
+            st = self.stats[site.name] = SiteStats(channels=c, per_token=site.kind in PER_TOKEN_KINDS,
                                                    stride=self.hist_stride)
-        assert self._info is not None
-        kept = st.update(xv, self._info, massive_abs=self.massive_abs, massive_ratio=self.massive_ratio)
-        th = self.thresholds.get(site.name)
-        if th and kept is not None:
-            checks = self.int8.setdefault(site.name, {})
-            update_int8_checks([checks.setdefault(kind, Int8Check(value)) for kind, value in th.items()], kept)
+        dev = self.device_of(site, flat)
+        accs = self._acc.setdefault(site.name, {})
+        acc = accs.get(dev)
+        if acc is None:
+            th = tuple(self.thresholds.get(site.name, {}).values())
+            acc = accs[dev] = SiteAccumulator(c, dev, per_token=st.per_token, thresholds=th)
+        rows = chunk_rows(x.numel(), x.element_size(), c)
+        for ch in idx.chunks(dev, rows):
+            acc.update(flat if ch.rows is not None else flat[ch.start:ch.stop], ch,
+                       massive_abs=self.massive_abs, massive_ratio=self.massive_ratio)
+        d = idx.on(dev)
+        acc.end_hook(flat, d["valid"] if idx.padded else None, d["info"])
 
     def _expert_hook(self, layer: int, fqn: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -286,36 +503,47 @@ class Collector:
             if len(vals) < 2:
                 return
             hidden, index = vals[0], vals[1]  # (B*T, C), (B*T, k)
-            xv = self._tokens(hidden, fqn + ":experts")
-            if xv is None:
+            idx = self.index
+            assert idx is not None
+            if hidden.dim() < 2 or hidden.numel() // hidden.shape[-1] != idx.bt:
+                if fqn + ":experts" not in self.shape_warnings:
+                    self.shape_warnings.append(fqn + ":experts")
                 return
-            assert self._valid is not None
-            idx = index.reshape(-1, index.shape[-1]).index_select(0, self._valid)  # (N, k)
+            dev = hidden.device
+            valid = idx.on(dev)["valid"]
+            h = hidden.detach().reshape(-1, hidden.shape[-1])  # (B*T, C)
+            # per-token max|x| from two reductions in the activation's dtype (no |x| temporary)
+            tok_abs = torch.maximum(h.amax(dim=1), h.amin(dim=1).neg()).float().index_select(0, valid)  # (N,)
+            sel = index.reshape(-1, index.shape[-1]).index_select(0, valid.to(index.device)).to(dev)  # (N, k)
             gate_up: torch.Tensor = module.gate_up_proj  # type: ignore[assignment]  # (E, 2I, C)
             down: torch.Tensor = module.down_proj  # type: ignore[assignment]  # (E, C, I)
             n_exp = int(gate_up.shape[0])
             ex = self.experts.get(fqn)
             if ex is None:
                 ex = self.experts[fqn] = ExpertStats(layer, fqn, n_exp)
-            tok_abs = xv.abs().amax(dim=1).float()  # (N,)
-            flat = idx.flatten()
-            valid_e = flat < n_exp
-            src = tok_abs.repeat_interleave(idx.shape[1])[valid_e]
-            ex.tokens += torch.bincount(flat[valid_e], minlength=n_exp).double().cpu()[:n_exp]
-            cur = torch.zeros(n_exp, device=xv.device).scatter_reduce(0, flat[valid_e], src, "amax")
-            ex.in_absmax = torch.maximum(ex.in_absmax, cur.cpu())
+            ex.to_device(dev)
+            flat = sel.flatten()
+            # indices outside [0, E) (e.g. -1 for dropped slots) go to a spare bin E that is dropped
+            e_idx = torch.where((flat >= 0) & (flat < n_exp), flat, n_exp)
+            src = tok_abs.repeat_interleave(sel.shape[1])
+            counts = torch.zeros(n_exp + 1, dtype=torch.float64, device=dev)
+            counts.index_add_(0, e_idx, torch.ones((), dtype=torch.float64, device=dev).expand(e_idx.numel()))
+            ex.tokens += counts[:n_exp]
+            cur = torch.zeros(n_exp + 1, device=dev).scatter_reduce(0, e_idx, src, "amax")
+            ex.in_absmax = torch.maximum(ex.in_absmax, cur[:n_exp])
             if self.experts_full:
                 # Per-expert gated product and output, recomputed for the routed tokens (full level only:
-                # it repeats the experts' work).
+                # it repeats the experts' work, and reads which experts got tokens once per layer and batch).
                 act = getattr(module, "act_fn", torch.nn.functional.silu)
-                for e in flat[valid_e].unique().tolist():
-                    rows = (idx == e).any(dim=1)
-                    h = xv[rows]
-                    gate, up = torch.nn.functional.linear(h, gate_up[e]).chunk(2, dim=-1)
+                xv = h.index_select(0, valid) if idx.padded else h
+                for e in (counts[:n_exp] > 0).nonzero().flatten().tolist():
+                    rows = (sel == e).any(dim=1)
+                    he = xv[rows]
+                    gate, up = torch.nn.functional.linear(he, gate_up[e]).chunk(2, dim=-1)
                     gated = act(gate) * up
                     out = torch.nn.functional.linear(gated, down[e])
-                    ex.gated_absmax[e] = max(float(ex.gated_absmax[e]), float(gated.abs().max()))
-                    ex.out_absmax[e] = max(float(ex.out_absmax[e]), float(out.abs().max()))
+                    ex.gated_absmax[e] = torch.maximum(ex.gated_absmax[e], gated.abs().max().float())
+                    ex.out_absmax[e] = torch.maximum(ex.out_absmax[e], out.abs().max().float())
 
         return hook
 
@@ -383,6 +611,83 @@ def int8_thresholds(stats: dict[str, SiteStats]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _dist_world() -> tuple[Any, int]:
+    """``(torch.distributed, world size)`` when a process group is up, else ``(None, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist, dist.get_world_size()
+    return None, 1
+
+
+def merged_int8_thresholds(stats: dict[str, SiteStats], sites: Sequence[Site]) -> dict[str, dict[str, float]]:
+    """INT8 thresholds from the calibration statistics of every rank (one collective call per rank).
+
+    Under ``torch.distributed`` the histograms are summed and the extremes maxed over ranks first, so the
+    thresholds are those a single process would calibrate on all calibration batches; without a process
+    group this is :func:`int8_thresholds`.
+    """
+    dist, world = _dist_world()
+    if dist is None:
+        return int8_thresholds(stats)
+    from outlierkit.llm.stats import HIST_BINS
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    names = [s.name for s in sites]
+    empty = SiteStats(channels=1)
+    hist = torch.stack([stats.get(n, empty).hist.double() for n in names]).to(dev)  # (S, HIST_BINS)
+    ext = torch.tensor([[stats.get(n, empty).vmax, -stats.get(n, empty).vmin] for n in names],
+                       dtype=torch.float64, device=dev)  # (S, 2)
+    count = torch.tensor([stats.get(n, empty).count for n in names], dtype=torch.float64, device=dev)
+    dist.all_reduce(hist)
+    dist.all_reduce(count)
+    dist.all_reduce(ext, op=dist.ReduceOp.MAX)
+    merged = {}
+    for i, n in enumerate(names):
+        st = SiteStats(channels=1)
+        st.hist = hist[i].cpu().reshape(HIST_BINS)
+        st.count = int(count[i])
+        st.vmax, st.vmin = float(ext[i, 0]), -float(ext[i, 1])
+        merged[n] = st
+    return int8_thresholds(merged)
+
+
+def _sync_thresholds(thresholds: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Under torch.distributed: thresholds any rank already holds (a resumed rank), for every rank."""
+    dist, world = _dist_world()
+    if dist is None:
+        return thresholds
+    got: list[Any] = [None] * world
+    dist.all_gather_object(got, thresholds or None)
+    return next((g for g in got if g), {})
+
+
+def _model_inputs(model: nn.Module, mm: ModelMap, corpus: TokenCorpus, opt: ProfileOptions, name: str,
+                  sites: Sequence[Site], shard: tuple[int, int], stride: int) -> dict[str, Any]:
+    """What the statistics depend on; a checkpoint written for other inputs is refused on resume."""
+    params = list(model.parameters())
+    return {"model": name, "model_type": mm.model_type, "parameters": sum(p.numel() for p in params),
+            "dtype": str(params[0].dtype) if params else "", "samples": len(corpus), "seq_len": corpus.seq_len,
+            "corpus_sha256": corpus.fingerprint(), "level": opt.level,
+            "kinds": list(opt.kinds) if opt.kinds else None, "sites": len(sites), "batch_size": opt.batch_size,
+            "hist_stride": stride, "massive_abs": opt.massive_abs, "massive_ratio": opt.massive_ratio,
+            "calib_fraction": opt.calib_fraction, "shard": list(shard)}
+
+
+def checkpoint_path(checkpoint: Path, shard: tuple[int, int]) -> Path:
+    """Each rank of a distributed run checkpoints to its own file (``NAME-rank1of2``)."""
+    rank, world = shard
+    return checkpoint if world == 1 else checkpoint.with_name(f"{checkpoint.name}-rank{rank}of{world}")
+
+
+def _warn(message: str) -> None:
+    """A warning the user must see: on the console (stderr) now, and through ``warnings`` for callers."""
+    from outlierkit._utils.log import get_console
+
+    get_console().print(f"[yellow]outlierkit: warning:[/yellow] {message}")
+    warnings.warn(message, stacklevel=4)  # the caller of profile_model (past torch.no_grad's wrapper)
+
+
 @torch.no_grad()
 def profile_model(
     model: nn.Module,
@@ -398,23 +703,28 @@ def profile_model(
     """Profile ``model`` over ``corpus``.
 
     The first ``calib_fraction`` of samples calibrates the INT8 thresholds; the rest is evaluated
-    against them. Every site's statistics cover all samples. With ``checkpoint``, statistics are
-    saved every ``checkpoint_every`` batches and ``resume`` continues after the last saved batch.
-    ``shard=(rank, world)`` profiles every ``world``-th batch (for distributed runs; merge after).
+    against them (too few samples for both: the check is skipped with a warning). Every site's statistics
+    cover all samples. With ``checkpoint``, statistics are saved every ``checkpoint_every`` batches
+    (one self-validating file, per rank under ``shard``) and ``resume`` continues after the last saved
+    batch, refusing a checkpoint written for other inputs. ``shard=(rank, world)`` profiles every
+    ``world``-th batch (for distributed runs; merge after with :func:`merge_distributed`); under an
+    initialized process group the INT8 thresholds are calibrated from all ranks' calibration statistics.
     """
     opt = options or ProfileOptions()
     if opt.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     if not 0 <= opt.calib_fraction < 1:
         raise ConfigError("calib_fraction must be in [0, 1)")
-    device = next(model.parameters()).device
     sites = discover_sites(model, mm, opt.level, opt.kinds)
     if not sites:
         raise ConfigError(f"no sites found at level {opt.level!r} for {mm.spec.name}")
+    notes: list[str] = []
     n_cal = int(len(corpus) * opt.calib_fraction) if opt.calib_fraction > 0 else 0
     if opt.calib_fraction > 0 and (n_cal < 1 or n_cal >= len(corpus)):
-        raise DataError(f"the INT8 check needs calibration and evaluation samples; {len(corpus)} sample(s) is too "
-                        "few: use --samples 3 or more (or --no-int8-check)")
+        notes.append(f"{name}: INT8 check skipped: it calibrates on {opt.calib_fraction:.0%} of the samples and "
+                     f"evaluates on the rest, and {len(corpus)} sample(s) is too few (use --samples 3 or more)")
+        _warn(notes[-1])
+        n_cal = 0
     splits = [("calib", corpus.subset(range(n_cal)), 0), ("eval", corpus.subset(range(n_cal, len(corpus))), n_cal)]
     if n_cal == 0:
         splits = [("all", corpus, 0)]
@@ -427,22 +737,42 @@ def profile_model(
     stride = opt.hist_stride if opt.hist_stride is not None else (1 if opt.level == "full" else 8)
     if stride < 1:
         raise ConfigError("--hist-stride must be at least 1")
+    inputs = _model_inputs(model, mm, corpus, opt, name, sites, shard, stride)
     collector = Collector(model, mm, sites, massive_abs=opt.massive_abs, massive_ratio=opt.massive_ratio,
                           level=opt.level, hist_stride=stride)
-    prof = ActivationProfile(model=name, model_type=mm.model_type, sites=sites, stats={})
+    prof = ActivationProfile(model=name, model_type=mm.model_type, sites=sites, stats={}, inputs=inputs)
     start = 0
-    if resume and checkpoint is not None and checkpoint.with_suffix(".json").exists():
-        prof = ActivationProfile.load(checkpoint)
-        if [s.name for s in prof.sites] != [s.name for s in sites]:
-            raise DataError(f"checkpoint {checkpoint} was written with other sites (level/model changed); "
-                            "rerun without --resume")
+    ckpt = checkpoint_path(checkpoint, shard) if checkpoint is not None else None
+    if resume and ckpt is not None and ActivationProfile.exists(ckpt):
+        prof = ActivationProfile.load(ckpt)
+        diff = [f"{k}: {prof.inputs.get(k)!r} -> {v!r}" for k, v in inputs.items() if prof.inputs.get(k) != v]
+        if diff:
+            raise DataError(f"checkpoint {ckpt.with_suffix('.safetensors')} was written for other inputs "
+                            f"({'; '.join(diff)}); rerun with the same options or without --resume")
         start = prof.batches_done
         collector.stats, collector.experts, collector.int8 = prof.stats, prof.experts, prof.int8
+        collector.thresholds = prof.thresholds
+        collector.massive_tokens = prof.massive_tokens
         log(f"{name}: resuming after {start} of {len(mine)} batches")
     # The profile shares the collector's dicts, so checkpoints always see the latest statistics.
     prof.stats, prof.experts, prof.int8 = collector.stats, collector.experts, collector.int8
     prof.shape_warnings = collector.shape_warnings
+    prof.warnings = list(dict.fromkeys(prof.warnings + notes))
+    calibrate = n_cal > 0
+    if calibrate and world > 1:
+        # a resumed rank may already hold the (all-rank) thresholds: every rank adopts them, or none calibrates
+        collector.thresholds = _sync_thresholds(collector.thresholds)
+    if collector.thresholds:
+        calibrate = False
+
+    def calibrate_now() -> None:
+        collector.flush()
+        collector.thresholds = merged_int8_thresholds(collector.stats, sites) if world > 1 else \
+            int8_thresholds(collector.stats)
+        prof.thresholds = collector.thresholds
+
     runner = _base_model(model, mm)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -450,20 +780,36 @@ def profile_model(
             collector.attach(hooks)
             for k in progress(range(start, len(mine)), total=len(mine) - start, description=f"profiling {name}"):
                 split, batch = plan[mine[k]]
-                if split == "eval" and not collector.thresholds:
-                    collector.thresholds = int8_thresholds(collector.stats)
+                if split == "eval" and calibrate:
+                    calibrate_now()
+                    calibrate = False
                 collector.begin_batch(batch, device)
                 runner(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+                assert collector.index is not None
+                prof.tokens += collector.index.n
+                collector.end_batch()
                 prof.batches_done = k + 1
-                prof.tokens += int(batch.attention_mask.sum())
-                if checkpoint is not None and opt.checkpoint_every and (k + 1) % opt.checkpoint_every == 0:
-                    prof.save(checkpoint)
+                if ckpt is not None and opt.checkpoint_every and (k + 1) % opt.checkpoint_every == 0:
+                    collector.flush()
+                    prof.massive_tokens = collector.massive_tokens
+                    prof.save(ckpt)
+            if calibrate and world > 1:
+                calibrate_now()  # this rank had no evaluation batch: it still takes part in the collective
+            collector.flush()
     finally:
         model.train(was_training)
+    prof.massive_tokens = collector.massive_tokens
     # Sites that saw no tokens (e.g. a shape the hook could not map) get empty statistics.
     for s in sites:
         if s.name not in prof.stats:
-            prof.stats[s.name] = SiteStats(channels=1)
+            prof.stats[s.name] = SiteStats(channels=1, per_token=s.kind in PER_TOKEN_KINDS)
+    for w in collector.shape_warnings:
+        msg = f"{name}: site {w} produced a tensor whose shape does not match the batch; skipped"
+        if msg not in prof.warnings:
+            prof.warnings.append(msg)
+            _warn(msg)
+    for problem in prof.problems():
+        _warn(problem)
     return prof
 
 
@@ -487,7 +833,9 @@ def merge_distributed(prof: ActivationProfile) -> ActivationProfile:
 
 def _to_state(prof: ActivationProfile) -> dict[str, Any]:
     return {"meta": {"model": prof.model, "model_type": prof.model_type, "batches_done": prof.batches_done,
-                     "tokens": prof.tokens, "sites": [asdict(s) for s in prof.sites]},
+                     "tokens": prof.tokens, "sites": [asdict(s) for s in prof.sites],
+                     "massive_tokens": prof.massive_tokens, "thresholds": prof.thresholds,
+                     "warnings": prof.warnings, "shape_warnings": prof.shape_warnings, "inputs": prof.inputs},
             "stats": {k: v.state() for k, v in prof.stats.items()},
             "experts": {k: asdict(v) for k, v in prof.experts.items()},
             "int8": {k: {n: asdict(c) for n, c in v.items()} for k, v in prof.int8.items()}}
@@ -500,7 +848,8 @@ def _from_state(state: dict[str, Any]) -> ActivationProfile:
         stats={k: SiteStats.from_state(*v) for k, v in state["stats"].items()},
         experts={k: ExpertStats(**v) for k, v in state["experts"].items()},
         int8={k: {n: Int8Check(**c) for n, c in v.items()} for k, v in state["int8"].items()},
-        batches_done=m["batches_done"], tokens=m["tokens"])
+        batches_done=m["batches_done"], tokens=m["tokens"], massive_tokens=m["massive_tokens"],
+        thresholds=m["thresholds"], warnings=m["warnings"], shape_warnings=m["shape_warnings"], inputs=m["inputs"])
 
 
 def fmt_loc(loc: Loc, token_text: Callable[[int], str] | None) -> dict[str, Any]:

@@ -20,19 +20,28 @@ def _num(v: float) -> float | None:
 
 
 def site_rows(prof: ActivationProfile, token_text: TokenText) -> list[dict[str, Any]]:
-    """One row per site: moments, extremes with location, quantiles, kurtosis, spike ratio."""
+    """One row per site: moments, extremes with location, quantiles, kurtosis, spike ratio.
+
+    Every site has a row, also one that saw no finite value (all NaN/Inf: its statistics are empty and
+    ``nonfinite_tokens`` says why). ``massive_tokens`` is this site's own count of massive tokens.
+    """
     rows = []
     for site in prof.sites:
         st = prof.stats[site.name]
+        row: dict[str, Any] = {"model": prof.model, "site": site.name, "kind": site.kind, "layer": site.layer,
+                               "module": site.module, "count": st.count}
         if not st.count:
+            stat_cols = ("mean", "std", "rms", "min", "max", "absmax", "absmax_sample", "absmax_pos", "absmax_token",
+                         "absmax_channel", "kurtosis", "p50_abs", "p99_abs", "p99.9_abs", "p99.99_abs", "spike_ratio",
+                         "top_channels", "channel_ratio", "massive_tokens", "max_token_ratio")
+            rows.append({**row, **dict.fromkeys(stat_cols), "nonfinite_tokens": st.nonfinite_tokens})
             continue
         loc = fmt_loc(st.loc_absmax, token_text)
         ch = st.ch_absmax
         top_ch = torch.topk(ch, min(3, ch.numel()))
         med_ch = float(ch.median()) if ch.numel() else float("nan")
         rows.append({
-            "model": prof.model, "site": site.name, "kind": site.kind, "layer": site.layer, "module": site.module,
-            "count": st.count, "mean": st.mean, "std": st.std, "rms": st.rms, "min": st.vmin, "max": st.vmax,
+            **row, "mean": st.mean, "std": st.std, "rms": st.rms, "min": st.vmin, "max": st.vmax,
             "absmax": st.absmax, "absmax_sample": loc["sample"], "absmax_pos": loc["pos"],
             "absmax_token": loc["token"], "absmax_channel": loc["channel"],
             "kurtosis": _num(st.kurtosis), "p50_abs": st.quantile_abs(0.5), "p99_abs": st.quantile_abs(0.99),
@@ -140,7 +149,11 @@ def summary_row(prof: ActivationProfile, token_text: TokenText) -> dict[str, Any
         row.update({"global_max": g[1], "where": f"{g[0]} ({kind})", "token": loc["token"], "pos": loc["pos"],
                     "channel": loc["channel"], "sample": loc["sample"]})
     resid = [prof.stats[s.name] for s in prof.sites if s.kind == "residual" and prof.stats[s.name].count]
-    row["massive_tokens"] = sum(st.massive_tokens for st in resid)
+    # distinct tokens massive at one or more per-token sites, and token-site pairs (the sum of the sites
+    # table's massive_tokens column): a token massive at 5 sites counts 1 and 5
+    row["massive_tokens"] = prof.massive_tokens
+    row["massive_site_hits"] = prof.massive_site_hits
+    row["status"] = prof.status
     row["max_residual_kurtosis"] = max((_num(st.kurtosis) or 0.0 for st in resid), default=None)
     row.update(int8_summary(prof))
     return row
@@ -162,10 +175,15 @@ def build_profile_report(
     for p, t in zip(profiles, token_texts, strict=True):
         prefix = "" if len(profiles) == 1 else f"{p.model}."
         s = summary_row(p, t)
-        for k in ("global_max", "where", "token", "massive_tokens", "tokens", "int8_absmax_sqnr_db_at_peak",
+        for k in ("global_max", "where", "token", "massive_tokens", "massive_site_hits", "tokens", "status",
+                  "int8_absmax_sqnr_db_at_peak",
                   "int8_p99.9_sqnr_db_at_peak", "int8_absmax_sqnr_db_mean", "int8_p99.9_sqnr_db_mean"):
             if k in s:
                 rep.metrics[prefix + k] = s[k]
+        for w in p.warnings:
+            rep.warn(w)
+        for problem in p.problems():
+            rep.warn(problem)
         for st_name, st in p.stats.items():
             if st.nonfinite_tokens:
                 loc = fmt_loc(st.loc_nonfinite, t)
@@ -173,7 +191,12 @@ def build_profile_report(
                          f"{loc['sample']}, pos {loc['pos']}, channel {loc['channel']}, token {loc['token']!r}); "
                          "they are excluded from that site's statistics")
         for sw in p.shape_warnings:
-            rep.warn(f"{p.model}: site {sw} produced a tensor whose shape does not match the batch; skipped")
+            msg = f"{p.model}: site {sw} produced a tensor whose shape does not match the batch; skipped"
+            if msg not in p.warnings:
+                rep.warn(msg)
+    # one verdict for the run: "unusable" if any model's statistics are (NaN/Inf in the forward, ...)
+    rep.metrics["status"] = "unusable" if any(p.unusable for p in profiles) else "ok"
+    rep.metrics["unusable"] = rep.metrics["status"] == "unusable"
     rep.add_table("sites", [r for p, t in zip(profiles, token_texts, strict=True) for r in site_rows(p, t)])
     rep.add_table("top_values", [r for p, t in zip(profiles, token_texts, strict=True)
                                  for r in top_value_rows(p, t)])

@@ -20,6 +20,12 @@ HIST_SHIFT = 17
 HIST_BINS = 1 << (31 - HIST_SHIFT)
 TOPK = 16
 MAX_MASSIVE_RECORDS = 64
+# Temporary memory of one site's update: the activation is processed in chunks of token rows so that the
+# float32 copies and temporaries (about TEMP_BYTES_PER_ELEM bytes per element of a chunk: the fp32 copy, one
+# fp32 temporary, one int32/bool temporary) stay within 1x the activation's own size; chunks never go below
+# MIN_CHUNK_ELEMS elements (256 KiB of fp32), where the per-chunk kernel launches would cost more than the memory.
+TEMP_BYTES_PER_ELEM = 16
+MIN_CHUNK_ELEMS = 1 << 16
 
 
 @dataclass
@@ -95,108 +101,23 @@ class SiteStats:
     # ------------------------------------------------------------------ update from one batch
     @torch.no_grad()
     def update(self, x: torch.Tensor, info: TokenInfo, *, massive_abs: float = 100.0,
-               massive_ratio: float = 1000.0) -> torch.Tensor | None:
-        """Add the valid tokens ``x`` ``(N, C)`` of one batch (padding already removed).
+               massive_ratio: float = 1000.0) -> None:
+        """Add the valid tokens ``x`` ``(N, C)`` of one batch (padding already removed) and flush.
 
-        Exact over every token: count, mean, rms, min/max and absmax with locations, per-channel
-        min/max, top-k, the massive-activation test. The histogram (quantiles), the higher power sums
-        (kurtosis) and mean |x| use one token in ``stride``, chosen by (sample, position) so the subsample
-        is deterministic and independent of batching (``stride=1``: all tokens). The per-token median
-        (the costly part of the massive test) is computed only for candidates: tokens whose max|x|
-        exceeds ``massive_abs`` (every massive token is one) and the ``TOPK`` tokens with the largest
-        max|x| (for ``max_token_ratio``).
-
-        Returns the rows that entered the statistics (finite, float32), or None if none did.
+        A convenience over :class:`SiteAccumulator` (which the profiler uses, flushing only at the end of
+        the run): exact over every token for count, mean, rms, min/max and absmax with locations,
+        per-channel min/max, top-k and the massive-activation test; the histogram (quantiles), the higher
+        power sums (kurtosis) and mean |x| use one token in ``stride``, chosen by (sample, position).
         """
         if x.numel() == 0:
-            return None
-        x = x.float()
-        # per-token max|x| from two reductions (no |x| temporary); NaN/Inf here iff the row has one
-        tok_max = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_())  # (N,)
-        finite_rows = torch.isfinite(tok_max)
-        if not bool(finite_rows.all()):
-            bad = (~finite_rows).nonzero().flatten()
-            if self.nonfinite_tokens == 0:
-                j = int(bad[0])
-                ch = int((~torch.isfinite(x[j])).nonzero()[0])
-                self.loc_nonfinite = Loc(int(info.sample[j]), int(info.pos[j]), ch, int(info.token[j]))
-            self.nonfinite_tokens += int(bad.numel())
-            x, tok_max = x[finite_rows], tok_max[finite_rows]
-            info = TokenInfo(info.sample[finite_rows], info.pos[finite_rows], info.token[finite_rows])
-            if x.numel() == 0:
-                return None
-        n, c = x.shape
-        self.count += n * c
-        self.tokens += n
-        # Power sums through BLAS (gemv/dot, no temporaries): several times faster than Tensor.sum on
-        # CPU; float64 when values are large enough for x^4 to lose range in float32.
-        big = float(tok_max.max()) > 1e8
-        xs = x.double() if big else x
-        flat = xs.reshape(-1)
-        self.s1 += float((torch.ones(n, dtype=xs.dtype, device=x.device) @ xs).sum())
-        self.s2 += float(flat @ flat)
-        if self.stride > 1:
-            # The subsample is chosen by token identity (sample, position), not by row, so it does not
-            # depend on batching, sharding or resuming.
-            keep = ((info.sample * 7919 + info.pos) % self.stride == 0).nonzero().flatten()
-            sub = xs.index_select(0, keep)  # (n_sub, C)
-        else:
-            sub = xs
-        a_sub = sub.abs()
-        sflat, aflat = sub.reshape(-1), a_sub.reshape(-1)
-        sq = sflat * sflat
-        self.dcount += sflat.numel()
-        self.d1 += float(sflat.sum())
-        self.d2 += float(sflat @ sflat)
-        self.d3 += float(sq @ sflat)
-        self.d4 += float(sq @ sq)
-        self.dabs += float(aflat.sum())
-        bins = torch.bincount((a_sub.float().view(torch.int32) >> HIST_SHIFT).reshape(-1), minlength=HIST_BINS)
-        self.hist += bins.cpu().double()
-        cmin, cmax = x.amin(dim=0), x.amax(dim=0)  # (C,) each
-        self.ch_min = torch.minimum(self.ch_min, cmin.cpu())
-        self.ch_max = torch.maximum(self.ch_max, cmax.cpu())
-        # Signed extremes with locations: channel from the per-channel extremes, then the token in it.
-        jmin, jmax = int(cmin.argmin()), int(cmax.argmax())
-        if float(cmin[jmin]) < self.vmin:
-            t = int(x[:, jmin].argmin())
-            self.vmin = float(cmin[jmin])
-            self.loc_min = Loc(int(info.sample[t]), int(info.pos[t]), jmin, int(info.token[t]))
-        if float(cmax[jmax]) > self.vmax:
-            t = int(x[:, jmax].argmax())
-            self.vmax = float(cmax[jmax])
-            self.loc_max = Loc(int(info.sample[t]), int(info.pos[t]), jmax, int(info.token[t]))
-        # Top-k |x|: the global top-k elements all lie in the k tokens with the largest per-token max,
-        # so a top-k over those k rows is exact and avoids a top-k over all N*C elements.
-        k = min(TOPK, n)
-        _, rows = tok_max.topk(k)
-        cand = x[rows]  # (k, C)
-        _, idx = cand.abs().flatten().topk(min(TOPK, cand.numel()))
-        r, chan = rows[idx // c], idx % c
-        locs = torch.stack([info.sample[r], info.pos[r], chan, info.token[r]], dim=1).cpu()
-        self._merge_top(cand.flatten()[idx].cpu(), locs)
-        if self.per_token:
-            # Massive activations (Sun et al. 2024): max|x| > massive_abs and > massive_ratio x median|x|.
-            cand_rows = torch.unique(torch.cat([rows, (tok_max > massive_abs).nonzero().flatten()]))
-            a = x[cand_rows].abs()  # (M, C)
-            ratio = tok_max[cand_rows] / a.median(dim=1).values.clamp_min(1e-12)
-            cmax_tok = tok_max[cand_rows]
-            j = int(ratio.argmax())
-            if float(ratio[j]) > self.max_token_ratio:
-                row = int(cand_rows[j])
-                self.max_token_ratio = float(ratio[j])
-                self.loc_max_ratio = Loc(int(info.sample[row]), int(info.pos[row]), int(a[j].argmax()),
-                                         int(info.token[row]))
-            hits = ((cmax_tok > massive_abs) & (ratio > massive_ratio)).nonzero().flatten()
-            self.massive_tokens += int(hits.numel())
-            if hits.numel():
-                top_hits = hits[cmax_tok[hits].argsort(descending=True)[:MAX_MASSIVE_RECORDS]]
-                for j in top_hits.tolist():
-                    row = int(cand_rows[j])
-                    self.massive.append((float(cmax_tok[j]), float(ratio[j]), Loc(
-                        int(info.sample[row]), int(info.pos[row]), int(a[j].argmax()), int(info.token[row]))))
-                self._trim_massive()
-        return x
+            return
+        acc = SiteAccumulator(self.channels, x.device, per_token=self.per_token)
+        idx = info_tensor(info).to(x.device)
+        keep = subsample_rows(info, self.stride)
+        acc.update(x, Chunk(0, x.shape[0], None, None if keep is None else keep.to(x.device), idx),
+                   massive_abs=massive_abs, massive_ratio=massive_ratio)
+        acc.end_hook(x, None, idx)
+        acc.flush_into(self)
 
     def _merge_top(self, vals: torch.Tensor, locs: torch.Tensor) -> None:
         allv = torch.cat([self.top_vals, vals])
@@ -366,11 +287,6 @@ class Int8Check:
     sabs_err: float = 0.0
     clipped: int = 0
 
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add finite float32 rows ``x`` ``(N, C)``."""
-        update_int8_checks([self], x)
-
     def merge(self, other: Int8Check) -> Int8Check:
         for name in ("count", "sx2", "se2", "sabs", "sabs_err", "clipped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -395,29 +311,310 @@ class Int8Check:
         return self.clipped / self.count if self.count else float("nan")
 
 
-@torch.no_grad()
-def update_int8_checks(checks: list[Int8Check], x: torch.Tensor) -> None:
-    """Update several INT8 checks (thresholds) on the same finite rows ``x`` ``(N, C)``.
 
-    The threshold-free sums (sum x^2, sum |x|) are computed once and shared; per threshold T the error
-    is ``round(clamp(x, -T, T) / s) * s - x`` (the outer clamp of the reference formula is a no-op,
-    since |clamp(x)/s| <= 127).
+# ---------------------------------------------------------------------- device-side accumulation
+# Layout of SiteAccumulator.sums (float64, on the activation's device).
+_TOKENS, _S1, _S2, _DCOUNT, _D1, _D2, _D3, _D4, _DABS, _MASSIVE, _NONFINITE = range(11)
+# Layout of one row of SiteAccumulator.int8 (one row per threshold).
+_I8_FIELDS = ("count", "sx2", "se2", "sabs", "sabs_err", "clipped")
+
+
+def info_tensor(info: TokenInfo) -> torch.Tensor:
+    """``(N, 3)`` long: sample, position and token id of each valid token."""
+    return torch.stack([info.sample, info.pos, info.token], dim=1)
+
+
+def subsample_rows(info: TokenInfo, stride: int) -> torch.Tensor | None:
+    """Rows of the distribution subsample, chosen by token identity (sample, position) so that it does not
+    depend on batching, sharding or resuming; None when every row is used (``stride == 1``)."""
+    if stride <= 1:
+        return None
+    return ((info.sample * 7919 + info.pos) % stride == 0).nonzero().flatten()
+
+
+def chunk_rows(numel: int, element_size: int, channels: int) -> int:
+    """Token rows per chunk so that an update's temporaries stay within 1x the activation (see
+    ``TEMP_BYTES_PER_ELEM``)."""
+    elems = max(MIN_CHUNK_ELEMS, numel * element_size // TEMP_BYTES_PER_ELEM)
+    return max(1, elems // max(channels, 1))
+
+
+@dataclass
+class Chunk:
+    """Rows ``start:stop`` of one batch's valid tokens, with everything a site update needs on one device.
+
+    Args:
+        start, stop: the chunk's rows among the batch's N valid tokens.
+        rows: ``(n,)`` indices of these tokens in the flat ``(B*T, C)`` activation; None when the batch has
+            no padding (the activation's rows ``start:stop`` are the tokens: a view, no copy).
+        keep: ``(n_sub,)`` chunk-relative rows of the distribution subsample; None: every row.
+        info: ``(n, 3)`` sample, position, token id.
+        massive_any: ``(N,)`` bool of the whole batch, OR-ed with the massive tokens of every per-token site
+            (distinct massive tokens across sites); None: not tracked.
     """
-    if x.numel() == 0:
-        return
-    flat = x.reshape(-1)
-    a = flat.abs()
-    sx2 = float(flat @ flat)
-    sabs = float(a.sum())
-    for chk in checks:
-        t = chk.threshold
-        if not t > 0:
-            continue
-        s = t / 127.0
-        err = torch.round(flat.clamp(-t, t) / s).mul_(s).sub_(flat)
-        chk.count += flat.numel()
-        chk.sx2 += sx2
-        chk.sabs += sabs
-        chk.se2 += float(err @ err)
-        chk.sabs_err += float(err.abs_().sum())
-        chk.clipped += int(torch.count_nonzero(a > t))
+
+    start: int
+    stop: int
+    rows: torch.Tensor | None
+    keep: torch.Tensor | None
+    info: torch.Tensor
+    massive_any: torch.Tensor | None = None
+
+
+def _at(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``t[i]`` for a 0-d index tensor without a host read (indexing with a 0-d tensor reads it)."""
+    return t.index_select(0, i.reshape(1))[0]
+
+
+def _loc(info: torch.Tensor, row: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """``(4,)`` long location (sample, pos, channel, token) from 0-d device tensors (no host read)."""
+    r = info.index_select(0, row.reshape(1))[0]  # (3,)
+    return torch.cat([r[:2], channel.reshape(1).to(torch.long), r[2:]])
+
+
+class SiteAccumulator:
+    """Partial statistics of one site on one device since the last flush.
+
+    Every update is a fixed sequence of reductions on the activation's device, in chunks of token rows:
+    nothing is read back to the host (no ``.item()``, ``nonzero``, ``unique``, boolean indexing or bincount,
+    which all wait for the device), and temporaries stay within 1x the activation (``chunk_rows``).
+    Extremes, per-channel min/max and the integer comparisons run in the activation's own dtype, where they
+    are exact; sums use a float32 copy of one chunk, accumulated in float64. ``flush_into`` moves the totals
+    into a host :class:`SiteStats` (a handful of reads per site, at the end of the run or at a checkpoint).
+
+    The massive-activation test max|x| > ratio x median|x| is evaluated for every token without sorting:
+    the (lower) median is below ``max|x| / ratio`` iff at least ``(C - 1) // 2 + 1`` values are.
+    """
+
+    def __init__(self, channels: int, device: torch.device, *, per_token: bool = True,
+                 thresholds: tuple[float, ...] = ()) -> None:
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": device}
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": device}
+        i64: dict[str, Any] = {"dtype": torch.long, "device": device}
+        self.channels, self.device, self.per_token, self.thresholds = channels, device, per_token, thresholds
+        self.sums = torch.zeros(11, **f64)
+        self.vmin = torch.tensor(math.inf, **f32)
+        self.vmax = torch.tensor(-math.inf, **f32)
+        self.loc_min = torch.full((4,), -1, **i64)
+        self.loc_max = torch.full((4,), -1, **i64)
+        self.loc_nonfinite = torch.full((4,), -1, **i64)
+        self.ch_min = torch.full((channels,), math.inf, **f32)
+        self.ch_max = torch.full((channels,), -math.inf, **f32)
+        self.top_vals = torch.full((TOPK,), math.nan, **f32)
+        self.top_locs = torch.full((TOPK, 4), -1, **i64)
+        self.hist = torch.zeros(HIST_BINS, **i64)
+        self.max_ratio = torch.tensor(0.0, **f32)
+        self.loc_ratio = torch.full((4,), -1, **i64)
+        self.mass_vals = torch.full((MAX_MASSIVE_RECORDS,), -math.inf, **f32)
+        self.mass_ratio = torch.zeros(MAX_MASSIVE_RECORDS, **f32)
+        self.mass_locs = torch.full((MAX_MASSIVE_RECORDS, 4), -1, **i64)
+        self.int8 = torch.zeros(len(thresholds), len(_I8_FIELDS), **f64)
+        self.empty = True
+        self._mass_count = torch.zeros((), dtype=torch.long, device=device)
+        self._cand: list[tuple[torch.Tensor, ...]] = []  # per chunk: massive-test candidates (end_hook)
+        self._powers = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0], **f64)  # of d1, d2, d3, d4, dabs (made once)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, chunk: Chunk, *, massive_abs: float = 100.0,
+               massive_ratio: float = 1000.0) -> None:
+        """Add one chunk: ``x`` is the flat ``(B*T, C)`` activation (``chunk.rows`` given) or the chunk's own
+        ``(n, C)`` rows (``chunk.rows`` None)."""
+        xc = x if chunk.rows is None else x.index_select(0, chunk.rows)  # (n, C), activation dtype
+        n, c = xc.shape
+        if n == 0:
+            return
+        self.empty = False
+        info = chunk.info
+        # per-token max|x| in the activation's dtype (exact); NaN/Inf here iff the row has one
+        tmax = torch.maximum(xc.amax(dim=1), xc.amin(dim=1).neg()).float()  # (n,)
+        fin = torch.isfinite(tmax)
+        bad = ~fin
+        nbad = bad.sum()
+        # first non-finite value of the run: its row and channel (no host read: where-updates)
+        j = bad.to(torch.int8).argmax()
+        ch = (~torch.isfinite(xc.index_select(0, j.reshape(1))[0])).to(torch.int8).argmax()
+        first = (self.sums[_NONFINITE] == 0) & (nbad > 0)
+        self.loc_nonfinite = torch.where(first, _loc(info, j, ch), self.loc_nonfinite)
+        # float32 copy of the chunk (a copy even if x is float32: it is filled in place below)
+        xs = xc.to(torch.float32, copy=chunk.rows is None)  # (n, C)
+        del xc
+        badc = bad[:, None]
+        # signed extremes with locations: channel from the per-channel extremes, then the token in it;
+        # non-finite rows are excluded by filling them with -inf / +inf / 0 in turn
+        xs.masked_fill_(badc, -math.inf)
+        cmax = xs.amax(dim=0)  # (C,)
+        jmax = cmax.argmax()
+        tm = xs.index_select(1, jmax.reshape(1)).argmax()
+        vmax = _at(cmax, jmax)
+        better = vmax > self.vmax
+        self.loc_max = torch.where(better, _loc(info, tm, jmax), self.loc_max)
+        self.vmax = torch.where(better, vmax, self.vmax)
+        xs.masked_fill_(badc, math.inf)
+        cmin = xs.amin(dim=0)
+        jmin = cmin.argmin()
+        tn = xs.index_select(1, jmin.reshape(1)).argmin()
+        vmin = _at(cmin, jmin)
+        better = vmin < self.vmin
+        self.loc_min = torch.where(better, _loc(info, tn, jmin), self.loc_min)
+        self.vmin = torch.where(better, vmin, self.vmin)
+        self.ch_min = torch.minimum(self.ch_min, cmin)
+        self.ch_max = torch.maximum(self.ch_max, cmax)
+        xs.masked_fill_(badc, 0.0)
+        n_fin = n - nbad  # 0-d tensor
+        flat = xs.reshape(-1)
+        s1 = xs.sum()
+        s2 = flat @ flat  # BLAS dot: no temporary
+        sabs = torch.linalg.vector_norm(flat, ord=1)
+        # Top-k |x|: the global top-k elements all lie in the k tokens with the largest per-token max
+        key = tmax.masked_fill(bad, -1.0)
+        k = min(TOPK, n)
+        _, rows = key.topk(k)
+        cand = xs.index_select(0, rows)  # (k, C)
+        m = min(TOPK, cand.numel())
+        _, idx = cand.abs().flatten().topk(m)
+        r = rows.gather(0, idx // c)
+        vals = cand.flatten().gather(0, idx).masked_fill(bad.gather(0, r), math.nan)
+        locs = torch.stack([info[r, 0], info[r, 1], idx % c, info[r, 2]], dim=1)
+        allv, alll = torch.cat([self.top_vals, vals]), torch.cat([self.top_locs, locs])
+        _, order = allv.abs().nan_to_num(-1.0).topk(TOPK)
+        self.top_vals, self.top_locs = allv[order], alll[order]
+        del cand  # temporaries are released as soon as they are used: the peak stays within the budget
+        parts = [n_fin, s1, s2]
+        if self.per_token:
+            self._massive(xs, tmax, fin, rows, info, chunk, massive_abs, massive_ratio)
+        # INT8 reconstruction error per threshold T (fused into this pass):
+        # err = round(clamp(x, -T, T) / s) * s - x with s = T / 127 (the outer clamp of the reference formula
+        # is a no-op since |clamp(x) / s| <= 127)
+        if self.thresholds:
+            i8 = []
+            for t in self.thresholds:
+                if not t > 0:
+                    i8.append(torch.zeros(len(_I8_FIELDS), dtype=torch.float64, device=xs.device))
+                    continue
+                s = t / 127.0
+                cl = xs.clamp(-t, t)
+                clipped = (cl != xs).sum()  # |x| > T: one comparison against the clamped copy
+                err = cl.div_(s).round_().mul_(s).sub_(xs).reshape(-1)
+                se2 = err @ err
+                sae = err.abs_().sum()
+                del cl, err
+                i8.append(torch.stack([(n_fin * c).double(), s2.double(), se2.double(), sabs.double(),
+                                       sae.double(), clipped.double()]))
+            self.int8 += torch.stack(i8)
+        # distribution statistics over the token subsample: histogram of |x| on the float32 bit pattern,
+        # power sums for kurtosis, mean |x|
+        if chunk.keep is None:
+            sub, fsub = xs, fin
+        else:
+            sub, fsub = xs.index_select(0, chunk.keep), fin.index_select(0, chunk.keep)
+        bins = (sub.view(torch.int32) & 0x7FFFFFFF).bitwise_right_shift_(HIST_SHIFT).reshape(-1)  # (n_sub*C,)
+        self.hist.index_add_(0, bins, torch.ones((), dtype=torch.long, device=xs.device).expand(bins.numel()))
+        del bins
+        # non-finite rows were filled with zeros: take their elements out of bin 0 again
+        dcount = fsub.sum() * c
+        self.hist[0] -= sub.shape[0] * c - dcount
+        # power sums in float32 on a power-of-two rescaled copy (exact scaling: x^4 cannot overflow), then
+        # scaled back in float64
+        amax = tmax.masked_fill(bad, 0.0).max()
+        e = torch.frexp(amax).exponent.to(torch.float64)
+        sub.mul_(torch.ldexp(torch.ones((), device=xs.device), -e.to(torch.int32)))
+        sflat = sub.reshape(-1)
+        sq = sflat * sflat
+        d = torch.stack([sflat.sum(), sflat @ sflat, sq @ sflat, sq @ sq,
+                         torch.linalg.vector_norm(sflat, ord=1)]).double()
+        d = d * torch.exp2(e * self._powers)
+        zero = torch.zeros((), dtype=torch.float64, device=xs.device)
+        mass = self._mass_count if self.per_token else zero
+        self.sums += torch.cat([torch.stack([p.double() for p in (*parts, dcount)]), d,
+                                torch.stack([mass.double(), nbad.double()])])
+
+    def _massive(self, xs: torch.Tensor, tmax: torch.Tensor, fin: torch.Tensor, top_rows: torch.Tensor,
+                 info: torch.Tensor, chunk: Chunk, massive_abs: float, massive_ratio: float) -> None:
+        """Massive activations (Sun et al. 2024): max|x| > massive_abs and > massive_ratio x median|x|.
+
+        Counted exactly for every token here; the ratios (which need the median itself) are computed once
+        per hook in :meth:`end_hook`, for a fixed number of candidate tokens kept from every chunk.
+        """
+        n, c = xs.shape
+        thr = (tmax / massive_ratio)[:, None]  # (n, 1)
+        below = ((xs < thr) & (xs > -thr)).sum(dim=1)  # values with |x| < thr, per token
+        hits = (tmax > massive_abs) & (below >= (c - 1) // 2 + 1) & fin  # (n,)
+        self._mass_count = hits.sum()
+        if chunk.massive_any is not None:
+            chunk.massive_any[chunk.start:chunk.stop] |= hits
+        # candidates: the top-k tokens by max|x| (for max_token_ratio) and the largest massive tokens (records)
+        q = min(TOPK, n)
+        hkey, hrows = tmax.masked_fill(~hits, -math.inf).topk(q)
+        tkey = tmax.masked_fill(~fin, -math.inf).gather(0, top_rows)
+        self._cand.append((tkey, top_rows + chunk.start, hkey, hrows + chunk.start))
+
+    @torch.no_grad()
+    def end_hook(self, x: torch.Tensor, valid: torch.Tensor | None, info: torch.Tensor) -> None:
+        """After a hook's chunks: per-token median of the candidate tokens (one median over at most
+        ``2 * TOPK`` rows per hook, not per chunk), for ``max_token_ratio`` and the massive-token records.
+
+        ``x`` is the flat activation, ``valid`` the batch's valid-row indices into it (None: rows are the
+        valid tokens), ``info`` ``(N, 3)`` of the batch.
+        """
+        if not self._cand:
+            return
+        tk, tr, hk, hr = (torch.cat(parts) for parts in zip(*self._cand, strict=True))
+        self._cand = []
+        tk, j1 = tk.topk(min(TOPK, tk.numel()))
+        hk, j2 = hk.topk(min(TOPK, hk.numel()))
+        rows = torch.cat([tr.gather(0, j1), hr.gather(0, j2)])  # (m,) rows among the batch's valid tokens
+        key = torch.cat([tk, hk])
+        # |x|, max and median are exact in the activation's dtype: no float32 copy of the candidates
+        a = x.index_select(0, rows if valid is None else valid.index_select(0, rows)).abs_()  # (m, C)
+        tmax = a.amax(dim=1).float()
+        med = a.median(dim=1).values.float()
+        ratio = (tmax / med.clamp_min(1e-12)).masked_fill(key == -math.inf, 0.0)
+        ratio = ratio.nan_to_num(0.0)
+        chan = a.argmax(dim=1)
+        locs = torch.stack([info[rows, 0], info[rows, 1], chan, info[rows, 2]], dim=1)  # (m, 4)
+        j = ratio.argmax()
+        best = _at(ratio, j)
+        better = best > self.max_ratio
+        self.loc_ratio = torch.where(better, _at(locs, j), self.loc_ratio)
+        self.max_ratio = torch.where(better, best, self.max_ratio)
+        k = tk.numel()
+        allv = torch.cat([self.mass_vals, hk])
+        _, order = allv.topk(MAX_MASSIVE_RECORDS)
+        self.mass_vals = allv[order]
+        self.mass_ratio = torch.cat([self.mass_ratio, ratio[k:]])[order]
+        self.mass_locs = torch.cat([self.mass_locs, locs[k:]])[order]
+
+    def flush_into(self, st: SiteStats, checks: dict[str, Int8Check] | None = None,
+                   names: tuple[str, ...] = ()) -> None:
+        """Merge these totals into the host statistics ``st`` (and the INT8 checks named ``names``)."""
+        if self.empty:
+            return
+        sums = self.sums.cpu().tolist()
+        c = self.channels
+        part = SiteStats(channels=c, per_token=st.per_token, stride=st.stride)
+        part.tokens = int(sums[_TOKENS])
+        part.count = part.tokens * c
+        part.s1, part.s2 = sums[_S1], sums[_S2]
+        part.dcount = int(sums[_DCOUNT])
+        part.d1, part.d2, part.d3, part.d4, part.dabs = sums[_D1:_DABS + 1]
+        part.massive_tokens = int(sums[_MASSIVE])
+        part.nonfinite_tokens = int(sums[_NONFINITE])
+        part.vmin, part.vmax = float(self.vmin.cpu()), float(self.vmax.cpu())
+        locs = torch.stack([self.loc_min, self.loc_max, self.loc_nonfinite, self.loc_ratio]).cpu().tolist()
+        part.loc_min, part.loc_max, part.loc_nonfinite, part.loc_max_ratio = (Loc(*v) for v in locs)
+        part.ch_min, part.ch_max = self.ch_min.cpu(), self.ch_max.cpu()
+        tv, tl = self.top_vals.cpu(), self.top_locs.cpu()
+        ok = ~torch.isnan(tv)
+        part.top_vals, part.top_locs = tv[ok], tl[ok]
+        part.hist = self.hist.cpu().double()
+        part.max_token_ratio = float(self.max_ratio.cpu())
+        mv, mr, ml = self.mass_vals.cpu().tolist(), self.mass_ratio.cpu().tolist(), self.mass_locs.cpu().tolist()
+        part.massive = [(v, r, Loc(*loc)) for v, r, loc in zip(mv, mr, ml, strict=True) if v > -math.inf]
+        st.merge(part)
+        if checks is not None and self.thresholds:
+            for name, t, row in zip(names, self.thresholds, self.int8.cpu().tolist(), strict=True):
+                chk = Int8Check(t, int(row[0]), row[1], row[2], row[3], row[4], int(row[5]))
+                if name in checks:
+                    checks[name].merge(chk)
+                else:
+                    checks[name] = chk
