@@ -351,8 +351,8 @@ def test_torchrun_writes_checkpoints_per_rank_and_resumes(tiny_llama_dir, tmp_pa
             "--checkpoint-every", "1", "--level", "basic", "--out", str(out)]
     assert spawn(argv, interrupt_at=2) == [130, 130]
     stage = tmp_path / "dist.partial"
-    assert {f.name for f in stage.glob("checkpoint-*.json")} == {"checkpoint-0-rank0-of2.json",
-                                                                 "checkpoint-0-rank1-of2.json"}
+    assert {f.name for f in stage.glob("checkpoint-*.json")} == {"checkpoint-0-rank0of2.json",
+                                                                 "checkpoint-0-rank1of2.json"}
     assert spawn([*argv, "--resume"]) == [0, 0]
     assert not stage.exists() and not list(out.glob("checkpoint-*"))
     resumed = json.loads((out / "report.json").read_text())

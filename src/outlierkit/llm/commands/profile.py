@@ -227,7 +227,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     from outlierkit._utils.seed import seed_everything
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.models import load_model
-    from outlierkit.llm.profile import ActivationProfile, merge_distributed, profile_model
+    from outlierkit.llm.profile import ActivationProfile, checkpoint_path, merge_distributed, profile_model
     from outlierkit.llm.profile_report import build_profile_report, summary_row
 
     seed_everything(args.seed)
@@ -261,10 +261,9 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
                 model_opts = dataclasses.replace(opts, calib_fraction=0.0)
             log(f"{name}: {len(corpus)} samples, {corpus.n_tokens} tokens, level {opts.level}, "
                 f"{loaded.map.spec.name} table entry")
-            # one checkpoint per rank (each profiles every world-th batch); no dots: with_suffix adds .json
-            rank, world = shard
-            ckpt = (None if work is None else work / f"checkpoint-{k}" if world == 1
-                    else work / f"checkpoint-{k}-rank{rank}-of{world}")
+            # profile_model names one checkpoint per rank (checkpoint_path); no dots: with_suffix adds .json
+            world = shard[1]
+            ckpt = None if work is None else work / f"checkpoint-{k}"
             prof = profile_model(loaded.model, loaded.map, corpus, model_opts, name=name, checkpoint=ckpt,
                                  resume=args.resume, shard=shard)
             prof = merge_distributed(prof)
@@ -272,8 +271,8 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
                 prof.save(done)
             _barrier(world)  # the merged profile is saved before any rank drops its checkpoint
             for suffix in (".json", ".safetensors"):
-                if ckpt is not None and ckpt.with_suffix(suffix).exists():
-                    ckpt.with_suffix(suffix).unlink()
+                if ckpt is not None and checkpoint_path(ckpt, shard).with_suffix(suffix).exists():
+                    checkpoint_path(ckpt, shard).with_suffix(suffix).unlink()
         profiles.append(prof)
         tok = loaded.tokenizer
         texts.append(lambda i, tok=tok: tok.convert_ids_to_tokens(int(i)))
