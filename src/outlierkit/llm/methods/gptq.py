@@ -203,9 +203,9 @@ def block_hessians(model: nn.Module, block: str | None, sites: list[str],
             x = args[0]
             if isinstance(module, OnlineQuantLinear):
                 x = module.transform_input(x)
-            rows = _token_rows(x, current["mask"]).cpu()
+            rows = _token_rows(x, current["mask"])  # accumulated on the layer's device
             if name not in sums:
-                sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+                sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
             sums[name].addmm_(rows.t(), rows)
             counts[name] += rows.shape[0]
         return fn
@@ -353,7 +353,8 @@ class GPTQ(QuantMethod):
             ql = OnlineQuantLinear(inner, name=fqn)
             set_module(model, fqn, ql)
         wv = out_weight(ql.inner)  # (out, in) view of the float weight
-        w = wv.detach().double().cpu()
+        w = wv.detach().double()
+        h = h.to(w.device)
         if fmt.granularity == "group" and fmt.group_size and w.shape[1] % fmt.group_size:
             raise ConfigError(f"{fqn}: group_size {fmt.group_size} does not divide the input dimension {w.shape[1]}")
         q = gptq_quantize(w, h, fmt, block_size=self.block_size, percdamp=self.percdamp, act_order=self.act_order,
