@@ -172,3 +172,21 @@ def test_online_layer_quantizes_the_rotated_input(batches):
     rows = {r["layer"]: r for r in rep.tables["layer_sqnr"]}
     assert math.isfinite(rows["model.layers.0.mlp.down_proj"]["sqnr_db"])
     assert any("online" in str(r.get("serving", "")) for r in rep.tables["transforms"])
+
+
+@pytest.mark.parametrize("method, params", [("smoothquant", {"folds": ("norm", "attn_v", "linear")}),
+                                            ("os_plus", {"batches": 1, "max_candidates": 20})])
+def test_fold_into_an_online_rotation_refused(method, params, batches):
+    """Regression: smoothquant/os_plus after rotate scaled the down projection's columns in the rotated basis
+    (float model off by 180%); the up -> down fold is now refused, and the other order stays exact."""
+    model = tiny_model("llama")
+    METHODS.get("rotate")().apply(model, QuantContext(batches))
+    ctx = QuantContext(batches, parse_format("int8-channel"), parse_format("int8-tensor"))
+    with pytest.raises(ConfigError, match="online rotation.*before rotate"):
+        METHODS.get(method)(**params).apply(model, ctx)
+    model = tiny_model("llama").double()
+    _exact_norms(model)
+    ref = _logits(model, batches)
+    METHODS.get(method)(**params).apply(model, ctx)
+    METHODS.get("rotate")().apply(model, QuantContext(batches))
+    assert _relerr(_logits(model, batches), ref) < 1e-10
