@@ -180,17 +180,18 @@ def proxy_sqnr_db(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ the method
 
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Non-pad rows of ``x`` (..., C) as float64 (N, C)."""
+    """Non-pad rows of ``x`` (..., C) as float32 (N, C)."""
     flat = x.detach().reshape(-1, x.shape[-1])
     if mask is not None and flat.shape[0] == mask.numel():
         flat = flat[mask.reshape(-1).to(flat.device).bool()]
-    return flat.double()
+    return flat.float()
 
 
 @torch.no_grad()
 def block_hessians(model: nn.Module, block: str | None, sites: list[str],
                    batches: list[Batch]) -> dict[str, tuple[torch.Tensor, int]]:
-    """Streaming Hessians H = 2/N sum x x^T (float64) of the inputs of ``sites``; stops after ``block``.
+    """Streaming Hessians H = 2/N sum x x^T of the inputs of ``sites`` (per-batch products in float32,
+    accumulated in float64); the forward stops after ``block``.
 
     The inputs are the ones the layer's weight sees (after an :class:`OnlineQuantLinear` rotation).
     """
@@ -203,10 +204,12 @@ def block_hessians(model: nn.Module, block: str | None, sites: list[str],
             x = args[0]
             if isinstance(module, OnlineQuantLinear):
                 x = module.transform_input(x)
-            rows = _token_rows(x, current["mask"])  # accumulated on the layer's device
+            rows = _token_rows(x, current["mask"])  # (N, C) on the layer's device
             if name not in sums:
                 sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-            sums[name].addmm_(rows.t(), rows)
+            # one batch's X^T X in float32 (as the reference; float64 matmuls are several times slower),
+            # summed over batches in float64
+            sums[name] += (rows.t() @ rows).double()
             counts[name] += rows.shape[0]
         return fn
 
@@ -239,7 +242,7 @@ class GPTQ(QuantMethod):
 
     Per block linear with input X (N, C) from the calibration batches (pads masked)::
 
-        H = 2/N X^T X  (float64, streamed),   U = chol((H + percdamp mean(diag H) I)^-1)^T
+        H = 2/N X^T X  (streamed: float32 per batch, float64 sum),   U = chol((H + percdamp mean(diag H) I)^-1)^T
         for each column j:  q_j = Q(w_j),  W[:, j+1:] -= ((w_j - q_j) / U_jj) U_j,j+1:
 
     minimizing ||X W^T - X Q^T||^2 column by column with the error pushed into the columns not yet
