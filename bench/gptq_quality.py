@@ -20,8 +20,8 @@ STEPS: dict[str, list[dict[str, Any]]] = {
     "rtn": [{"rtn": {}}],
     "gptq": [{"gptq": {}}],
     "os_plus+gptq": [{"os_plus": {"batches": 1}}, {"gptq": {}}],
-    "rotate+rtn": [{"rotate": {}}, {"rtn": {}}],
-    "rotate+gptq": [{"rotate": {}}, {"gptq": {}}],
+    "rotate+rtn": [{"rotate": {"online_down": True}}, {"rtn": {}}],
+    "rotate+gptq": [{"rotate": {"online_down": True}}, {"gptq": {}}],
     "spike_mp+gptq": [{"spike_mp": {"quantize": False, "select": "topk", "top_k": 1}}, {"gptq": {}}],
 }
 

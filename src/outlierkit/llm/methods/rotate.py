@@ -70,7 +70,7 @@ class Rotate(QuantMethod):
 
     so every block reads and writes the rotated stream x Q and the float model is unchanged. Rotated
     activations have their outlier channels spread over all channels, which helps low-bit activation
-    formats. With ``online_down`` the input h of each dense down projection is also rotated at run time,
+    formats. With ``online_down: true`` the input h of each dense down projection is also rotated at run time,
     h <- h H (W_down <- W_down H): H cannot be folded (SwiGLU's product is elementwise), so the layer
     becomes an :class:`~outlierkit.llm.hadamard.OnlineQuantLinear`. vLLM and transformers do not run that
     online rotation; a model exported without it is not the same model.
@@ -82,13 +82,14 @@ class Rotate(QuantMethod):
     Args:
         kind: ``hadamard`` (default) or ``random`` (Haar-random orthogonal, the ablation).
         random_signs: randomized Hadamard diag(+-1) H as in QuaRot (default True).
-        online_down: online Hadamard before every dense down projection (default True).
+        online_down: online Hadamard before every dense down projection (default False: the saved model
+            would need it at run time, which the exporters and serving engines do not provide).
         seed: for random signs / random rotations (default 0).
     """
 
     kind: Literal["hadamard", "random"] = "hadamard"
     random_signs: bool = True
-    online_down: bool = True
+    online_down: bool = False
     seed: int = 0
     transform: ClassVar[bool] = True
 
