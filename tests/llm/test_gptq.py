@@ -250,3 +250,19 @@ def test_gptq_refusals(batches):
         gptq_quantize(torch.randn(2, 8), torch.eye(8), parse_format("int4-g4"), act_order=True, static_groups=False)
     with pytest.raises(ConfigError, match="percdamp"):
         METHODS.get("gptq")(percdamp=-1)
+
+
+def test_rotate_then_gptq_saves_and_reloads_identically(batches, tok, tmp_path):
+    """The layers stay exportable: folded rotation (tied embeddings untied) + GPTQ weights with their grid
+    go through save_quantized / load_quantized with the same outputs."""
+    from outlierkit.llm.export import load_quantized, save_quantized
+    from outlierkit.llm.recipe import model_outputs
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    quantize_(model, {"weight": "int4-g32", "act": None, "steps": [{"rotate": {}}, {"gptq": {}}],
+                      "calib": {"min_tokens": 64}}, batches[:1], baseline=False)
+    ref = model_outputs(model, batches[:1])
+    save_quantized(model, tok, tmp_path / "q")
+    again = model_outputs(load_quantized(tmp_path / "q").model, batches[:1])
+    assert torch.equal(again[0], ref[0])
