@@ -7,6 +7,8 @@ channel, int4 per token). Calibration and evaluation use different samples of th
 
     nice -n 10 .venv/bin/python bench/gptq_quality.py            # both models (a few minutes on one thread)
     nice -n 10 .venv/bin/python bench/gptq_quality.py --models llama
+    nice -n 10 .venv/bin/python bench/gptq_quality.py --models minilm --formats W4A16,W4A8 \
+        --recipes rtn,gptq,os_plus+gptq,rotate+gptq,spike_mp+gptq
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--recipes", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
+    p.add_argument("--formats", default="W4A16,W4A8,W4A4", help="comma-separated subset of W4A16,W4A8,W4A4")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)  # the build machine's 2 cores are shared
@@ -56,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         formats = {f"W4A16 g{group}": (f"int4-g{group}", None), "W4A8": ("int4-channel", "int8-token"),
                    "W4A4": ("int4-channel", "int4-token")}
         for label, (w, act) in formats.items():
-            for recipe, steps in STEPS.items():
+            if label.split()[0] not in a.formats.split(","):
+                continue
+            for recipe in a.recipes.split(","):
+                steps = STEPS[recipe]
                 model = build()
                 rep = quantize_(model, {"weight": w, "act": act, "steps": steps}, calib, eval_batches=ev,
                                 baseline=False)
