@@ -9,6 +9,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default="minilm", help="model directory or 'minilm' (default)")
     parser.add_argument("--methods", nargs="+", default=["smoothquant", "os_plus", "rotate"],
                         help="equivalence transforms to compare (default: smoothquant os_plus rotate)")
+    parser.add_argument("--online-down", action="store_true",
+                        help="rotate with an online Hadamard before each down projection (not exportable)")
     parser.add_argument("--data", nargs="+", default=None, help="text files/dirs/JSONL (default: built-in corpus)")
     parser.add_argument("--samples", type=int, default=16, help="calibration samples (default: 16)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default: 128)")
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model, dtype="fp32", device=args.device)
     batches = build_corpus(lm.tokenizer, docs, samples=args.samples, seq_len=args.seq_len,
                            seed=args.seed).batches(args.batch_size)
-    rows, notes = compare_transforms(lm.model, batches, list(args.methods))
+    params = {"rotate": {"online_down": True}} if args.online_down else {}
+    rows, notes = compare_transforms(lm.model, batches, list(args.methods), params)
     summary = summarize(rows)
     report = Report(kind="llm.transforms", config={k: v for k, v in vars(args).items()})
     report.add_table("summary", summary)
