@@ -190,3 +190,15 @@ def test_fold_into_an_online_rotation_refused(method, params, batches):
     METHODS.get(method)(**params).apply(model, ctx)
     METHODS.get("rotate")(online_down=True).apply(model, QuantContext(batches))
     assert _relerr(_logits(model, batches), ref) < 1e-10
+
+
+def test_saving_an_online_rotation_refused(batches, tok, tmp_path):
+    """Regression: save_quantized unwrapped the online-rotation layer and wrote W H without H (a different
+    model on reload, silently); now it refuses and writes nothing."""
+    from outlierkit.llm.export import save_quantized
+
+    model = tiny_model("llama")
+    METHODS.get("rotate")(online_down=True).apply(model, QuantContext(batches))
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.down_proj has an online rotation"):
+        save_quantized(model, tok, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
