@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("outlierkit.llm.commands.eval", "perplexity / embedding fidelity of a float or quantized model"),
     "compare": ("outlierkit.llm.commands.compare", "evaluate several recipes on the same data in one table"),
     "plan": ("outlierkit.llm.commands.plan", "choose per-layer method and precision for a target, verified"),
+    "transforms": ("outlierkit.llm.commands.transforms", "max|x|, kurtosis, INT8/INT4 SQNR before/after transforms"),
     "graph": ("outlierkit.graph.cli", "graph-level anomaly detection with RQGNN (fit, score, bench)"),
     "hex": ("outlierkit.diffusion.cli", "masked-diffusion sampling and HEX test-time scaling"),
     "report": ("outlierkit.commands_report", "show a report.json or compare the metrics of two reports"),

@@ -36,7 +36,7 @@ def test_unknown_keys_and_bad_values_are_clear_errors():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['alpah'\].*valid keys"):
         Recipe.from_dict({"steps": [{"smoothquant": {"alpah": 0.5}}, "rtn"]})
     with pytest.raises(UnknownNameError, match="valid names: .*os_plus.*rtn.*smoothquant"):
-        Recipe.from_dict({"steps": ["gptq"]})
+        Recipe.from_dict({"steps": ["awq"]})
     with pytest.raises(ConfigError, match="2..8"):
         Recipe.from_dict({"weight": {"bits": 9}})
     with pytest.raises(ConfigError, match="2..8"):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from outlierkit._utils import atomic_write_text
-from outlierkit.errors import ModelLoadError
+from outlierkit.errors import ConfigError, ModelLoadError
 from outlierkit.llm.formats import parse_format
 from outlierkit.llm.layers import quant_layers, unwrap_, unwrapped_fqn, wrap_
 
@@ -37,6 +37,10 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, rec
     so plain transformers reproduces the float model), the tokenizer, ``recipe.yaml`` and the quantization
     state (formats, static ranges) that :func:`load_quantized` re-applies."""
     out = Path(out_dir)
+    online = [n for n, q in quant_layers(model) if getattr(q, "rotation", None) is not None]  # rotate's online H
+    if online:
+        raise ConfigError(f"{online[0]} has an online rotation (rotate with online_down: true) that a saved "
+                          "checkpoint cannot carry; quantize with online_down: false to save the model")
     state = quant_state(model)
     wrappers = {n: q for n, q in quant_layers(model)}
     unwrap_(model)

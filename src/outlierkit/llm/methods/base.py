@@ -164,6 +164,9 @@ def resolve_groups(model: nn.Module, mm: ModelMap, kinds: tuple[str, ...], metho
             continue
         prev = mm.fqn(i, g.prev)
         linears = [mm.fqn(i, n) for n in g.linears]
+        if any(getattr(get_attr(model, n), "rotation", None) is not None for n in linears):  # rotate's online H
+            raise ConfigError(f"{method or 'this transform'} cannot fold into {linears[0]}: it has an online "
+                              "rotation (rotate ran first); put smoothquant/os_plus before rotate in the recipe")
         c = in_weight(float_module(model, linears[0])).shape[-1]
         grp = Group(i, g, prev, linears, n_rows=c)
         if g.kind == "attn_v":
