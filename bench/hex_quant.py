@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = new_figure(figsize=(9, 4))
         x = np.arange(len(rows))
         series = [("best greedy", "best_greedy", "tab:gray"), ("mean sampled path", "mean_path", "tab:olive"),
-                  (f"best single, {S}-vote", f"best_single_vote{J}", "tab:blue"),
+                  (f"best single schedule, {J}-path vote", f"best_single_vote{J}", "tab:blue"),
                   (f"HEX {J} paths", f"hex{J}", "tab:orange"), (f"HEX {J * S} paths", f"hex{J * S}", "tab:red")]
         w = 0.8 / len(series)
         for k, (label, col, color) in enumerate(series):
