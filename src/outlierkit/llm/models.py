@@ -207,6 +207,18 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ),
     # ... and ports to transformers' LLaMA classes keep the LLaMA names.
     _llama_like("llada-hf", ("llada",), causal=False),
+    # outlierkit's own tiny masked-diffusion transformer (diffusion.tiny.TinyMDM) seen through the HF-style
+    # view in bench/hex_quant.py (model_type "tiny-mdm", the module under ``mdm``): pre-LN blocks with a
+    # fused qkv and a GELU MLP (no gate, so no up -> down fold); v is the last third of qkv's rows.
+    ArchSpec(
+        "tiny-mdm", ("tiny-mdm",), backbone="mdm", layers="blocks", embed="tok", final_norm="ln_f",
+        attn="proj", mlp="ff", down="ff.2", norm_kind="layer", causal=False,
+        folds=(
+            FoldGroup("ln1", ("qkv",), "norm", "qkv"),
+            FoldGroup("ln2", ("ff.0",), "norm", "mlp_in"),
+            FoldGroup("qkv", ("proj",), "attn_v", "o", prev_slice="v"),
+        ),
+    ),
 )
 
 # model_type -> table entries, tried in order: the first whose blocks exist in the model is used.
