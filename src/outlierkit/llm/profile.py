@@ -4,7 +4,8 @@
 sites its architecture entry names, and returns an :class:`ActivationProfile`: per-site
 :class:`~outlierkit.llm.stats.SiteStats`, per-expert routing statistics for fused MoE experts, and an
 INT8 reconstruction check calibrated on one split and evaluated on another. Padding never enters a
-statistic; whole activations are never stored.
+statistic; whole activations are never stored. Hooks never read from the device: statistics accumulate on
+each activation's device and are read back only at a checkpoint, the INT8 calibration and the end of the run.
 """
 
 from __future__ import annotations
