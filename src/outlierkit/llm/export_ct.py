@@ -21,12 +21,13 @@ from torch import nn
 
 from outlierkit._utils import atomic_write_text
 from outlierkit.errors import ConfigError
-from outlierkit.llm.formats import FP8_MAX, Format, FP8Format, IntFormat, int_qparams
+from outlierkit.llm.formats import FP8_MAX, Format, FP8Format, IntFormat, fp8_fake_quant, int_qparams, weight_qparams
 from outlierkit.llm.int8 import Int8Linear
 from outlierkit.llm.layers import QuantLinear, set_module, unwrapped_fqn
 
 CT_FORMAT_INT = "int-quantized"
 CT_FORMAT_FP8 = "float-quantized"
+CT_FORMAT_PACK = "pack-quantized"
 
 # per exported layer: (compressed-tensors format, scheme mapping, compressed tensors)
 LayerExport = tuple[str, dict[str, Any], dict[str, torch.Tensor]]
@@ -64,16 +65,6 @@ def ct_args(fmt: Format, role: str, *, where: str) -> dict[str, Any]:
     return args
 
 
-def _granules(w: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """(rows, C) -> the view whose last axis one scale covers: (1, N), (rows, C) or (rows, C/G, G)."""
-    if fmt.granularity == "tensor":
-        return w.reshape(1, -1)
-    if fmt.granularity == "group":
-        assert isinstance(fmt, IntFormat) and fmt.group_size is not None
-        return w.reshape(w.shape[0], -1, fmt.group_size)
-    return w
-
-
 def _scale_shape(scale: torch.Tensor, w: torch.Tensor, fmt: Format) -> torch.Tensor:
     if fmt.granularity == "tensor":
         return scale.reshape(1)
@@ -82,47 +73,53 @@ def _scale_shape(scale: torch.Tensor, w: torch.Tensor, fmt: Format) -> torch.Ten
     return scale.reshape(w.shape[0], 1)  # (out, 1)
 
 
+def ct_format(w_fmt: Format, a_fmt: Format | None) -> str:
+    """The compressed-tensors format of a layer: ``float-quantized`` for FP8 weights, ``pack-quantized`` for
+    INT weights of <= 4 bits and for weight-only INT (vLLM serves W4A16/W8A16 only packed),
+    ``int-quantized`` for the rest (W8A8 INT)."""
+    if isinstance(w_fmt, FP8Format):
+        return CT_FORMAT_FP8
+    if w_fmt.bits <= 4 or a_fmt is None:
+        return CT_FORMAT_PACK
+    return CT_FORMAT_INT
+
+
 @torch.no_grad()
-def compress_weight(w: torch.Tensor, w_hat: torch.Tensor, fmt: Format, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Compressed tensors of one weight on outlierkit's grid: ``weight`` (+ ``weight_scale``,
-    ``weight_zero_point``).
+def compress_weight(w: torch.Tensor, fmt: Format, scheme: dict[str, Any], ct_fmt: str,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Compressed tensors of one weight (out, in), written by compressed-tensors' own compressor for
+    ``ct_fmt`` from outlierkit's grid (:func:`~outlierkit.llm.formats.weight_qparams`: the codes and
+    scales the fake-quantized model computes with), so the reloaded weight is bit-identical.
 
-    Args:
-        w: float weight (out, in). w_hat: its fake-quantized value (what the outlierkit model computes with).
-        dtype: the dtype of the scales (the model's float dtype).
-
-    Symmetric grids are recovered from ``w_hat`` (s = max|w_hat| / qmax per granule, exact for min-max and
-    for the clipped MSE ranges), asymmetric ones from the min-max range of ``w``; codes are signed
-    (compressed-tensors stores q - 2^(b-1) and zp - 2^(b-1) for asymmetric grids).
+    ``dtype``: the dtype of the scales (the model's float dtype).
     """
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    qscheme = QuantizationScheme.model_validate({"targets": ["Linear"], **scheme})
     if isinstance(fmt, FP8Format):
-        r = _granules(w.float(), fmt)
-        amax = r.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(amax > 0, amax / FP8_MAX["e4m3"], torch.ones_like(amax))
-        q = (r / scale).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(w.shape)
-        return {"weight": q, "weight_scale": _scale_shape(scale, w, fmt).to(dtype)}
-    assert isinstance(fmt, IntFormat)
-    if fmt.symmetric:
-        r = _granules(w_hat.float(), fmt)
-        scale = r.abs().amax(dim=-1, keepdim=True) / fmt.qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(r / scale).clamp(-fmt.qmax, fmt.qmax)
-        out = {"weight": q.reshape(w.shape).to(torch.int8), "weight_scale": _scale_shape(scale, w, fmt).to(dtype)}
-        return out
-    r = _granules(w.float(), fmt)
-    scale, zp = int_qparams(r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True), fmt.bits, False)
-    q = torch.clamp(torch.round(r / scale) + zp, 0, 2**fmt.bits - 1)
-    half = 2 ** (fmt.bits - 1)
-    return {"weight": (q - half).reshape(w.shape).to(torch.int8),
-            "weight_scale": _scale_shape(scale, w, fmt).to(dtype),
-            "weight_zero_point": _scale_shape(zp - half, w, fmt).to(torch.int8)}
+        w_hat = fp8_fake_quant(w.float(), fmt)
+        r = w.float() if fmt.granularity == "tensor" else w.float().reshape(w.shape[0], -1)
+        amax = (r.abs().amax() if fmt.granularity == "tensor" else r.abs().amax(dim=-1, keepdim=True))
+        scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX["e4m3"])
+        sd = {"weight": w_hat.to(dtype), "weight_scale": _scale_shape(scale, w, fmt).to(dtype)}
+    else:
+        assert isinstance(fmt, IntFormat)
+        codes, scale, zp = weight_qparams(w, fmt)
+        w_hat = ((codes - zp) * scale).reshape(w.shape)
+        sd = {"weight": w_hat.to(dtype), "weight_scale": _scale_shape(scale, w, fmt).to(dtype)}
+        if not fmt.symmetric:  # compressed-tensors' zero points are signed: zp - 2^(b-1)
+            sd["weight_zero_point"] = _scale_shape(zp - 2 ** (fmt.bits - 1), w, fmt).to(torch.int8)
+    compressor = BaseCompressor.load_from_registry(ct_fmt)
+    out: dict[str, torch.Tensor] = compressor.compress(sd, qscheme)
+    return out
 
 
 def _static_input(q: QuantLinear, fmt: IntFormat, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     lo, hi = q.act_range[0]
     if torch.isnan(lo):
         raise ConfigError(f"{q.name}: static activation range not calibrated")
-    scale, zp = int_qparams(lo.reshape(1), hi.reshape(1), fmt.bits, fmt.symmetric)
+    scale, zp = int_qparams(lo.reshape(1), hi.reshape(1), fmt.bits, fmt.symmetric, fmt.grid)
     out = {"input_scale": scale.to(dtype)}
     if not fmt.symmetric:
         out["input_zero_point"] = (zp - 2 ** (fmt.bits - 1)).to(torch.int8)
@@ -170,12 +167,12 @@ def _collect(model: nn.Module) -> tuple[dict[str, LayerExport], dict[str, nn.Mod
                 raise ConfigError(f"{fqn}: activation-only quantization (float weights) has no compressed-tensors "
                                   "form; quantize the weights too or keep the layer float")
             scheme["weights"] = ct_args(w_fmt, "weights", where=fqn)
-            tensors = compress_weight(w, mod.quantized_weights()[0].detach(), w_fmt, dtype)
             if a_fmt is not None:
                 scheme["input_activations"] = ct_args(a_fmt, "input_activations", where=fqn)
-                if isinstance(a_fmt, IntFormat) and not a_fmt.dynamic:
-                    tensors.update(_static_input(mod, a_fmt, dtype))
-            fmt = CT_FORMAT_FP8 if isinstance(w_fmt, FP8Format) else CT_FORMAT_INT
+            fmt = ct_format(w_fmt, a_fmt)
+            tensors = compress_weight(w, w_fmt, scheme, fmt, dtype)
+            if isinstance(a_fmt, IntFormat) and not a_fmt.dynamic:
+                tensors.update(_static_input(mod, a_fmt, dtype))
             layers[fqn] = (fmt, scheme, tensors)
     return layers, standins
 
@@ -244,6 +241,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out_dir: str | P
     for fqn, (_, _, tensors) in layers.items():
         if f"{fqn}.weight" not in sd:
             raise ConfigError(f"{fqn}.weight is not in the saved state dict; cannot export this model")
+        del sd[f"{fqn}.weight"]  # the compressor's tensors replace it (weight, or weight_packed + weight_shape)
         for k, v in tensors.items():
             sd[f"{fqn}.{k}"] = v.contiguous()
     save_file(sd, files[0], metadata={"format": "pt"})
