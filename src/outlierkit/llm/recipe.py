@@ -261,16 +261,42 @@ def layer_sqnr(model: nn.Module, batches: list[Batch]) -> dict[str, dict[str, fl
         set_recording_(model, False)
 
 
+def for_target(recipe: Recipe, target: str) -> Recipe:
+    """The recipe with its symmetric INT formats on the grid the target computes with: ``transformers``
+    -> compressed-tensors' (absmax / 127.5), so that ``from_pretrained`` of the export reproduces the
+    quantized model bit for bit; ``vllm`` / ``outlierkit`` -> vLLM's kernel rule (absmax / 127)."""
+    import dataclasses
+
+    from outlierkit.llm.export import check_target
+    from outlierkit.llm.formats import IntFormat
+
+    grid = "ct" if check_target(target) == "transformers" else "vllm"
+
+    def g(f: Format | None) -> Format | None:
+        return dataclasses.replace(f, grid=grid) if isinstance(f, IntFormat) and f.symmetric else f
+
+    out = copy.deepcopy(recipe)
+    out.weight, out.act, out.qkv_out = g(recipe.weight), g(recipe.act), g(recipe.qkv_out)
+    out.overrides = [dataclasses.replace(o, weight=g(o.weight), act=g(o.act)) for o in recipe.overrides]
+    return out
+
+
 def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: TokenCorpus | list[Batch], *,
-              eval_batches: list[Batch] | None = None, baseline: bool = True) -> Report:
+              eval_batches: list[Batch] | None = None, baseline: bool = True, target: str | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place (transforms, then fake-quantized wrappers); return a Report.
 
     Args:
         calib: calibration corpus or batches.
         eval_batches: batches for the SQNR measurements (default: the calibration batches).
         baseline: also measure plain RTN with the same formats before the transforms ("before").
+        target: ``transformers``, ``vllm`` or ``outlierkit``: put the formats on that target's grid
+            (:func:`for_target`); default None keeps the recipe's formats as written.
+
+    Afterwards ``model.save_pretrained(dir)`` writes what ``outlierkit quantize`` writes (never wrapper keys).
     """
     recipe = load_recipe(recipe)
+    if target is not None:
+        recipe = for_target(recipe, target)
     methods = recipe.methods()
     batches = calib_batches(calib, recipe)
     ev = eval_batches or batches
@@ -314,6 +340,13 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: To
     report.add_table("formats", [r.row() for r in records if r.method == "rtn"])
     for note in ctx.notes:
         report.warn(note)
+    if any(not bool(torch.isfinite(q).all()) for q in quant_out) and all(bool(torch.isfinite(f).all())
+                                                                          for f in float_out):
+        report.warn("the quantized model produces NaN/Inf where the float model does not (a NaN or Inf in a "
+                    "weight or activation granule makes the whole granule non-finite); output_sqnr_db is not usable")
+    from outlierkit.llm.export import guard_save_pretrained
+
+    guard_save_pretrained(model)
     return report
 
 

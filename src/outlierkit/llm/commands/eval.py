@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"model": lm.name, **evaluate_model(lm.model, lm.tokenizer, data)}]
     report = Report(kind="llm.eval", config={k: v for k, v in vars(args).items()})
     if args.quantized:
+        _check_same_model(args.model, args.quantized)
         q = load_quantized(args.quantized)
         rows.append({"model": f"{q.name} (quantized)", **evaluate_model(q.model, lm.tokenizer, data)})
         per_layer = layer_sqnr(q.model, data.batches)
@@ -60,6 +61,26 @@ def run(args: argparse.Namespace) -> int:
         with staged_output(args.out, force=args.force) as stage:
             report.save(stage)
     return 0
+
+
+def _check_same_model(model: str, quantized: str) -> None:
+    """A quantized directory made from another model is a one-line error (not a meaningless comparison)."""
+    import json
+    from pathlib import Path
+
+    from outlierkit.errors import ConfigError, ModelLoadError
+    from outlierkit.llm.models import resolve_source
+
+    try:
+        qcfg = json.loads((Path(quantized) / "config.json").read_text(encoding="utf-8"))
+        fcfg = json.loads((resolve_source(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read config.json of {quantized} or {model} ({e})") from None
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    diff = [k for k in keys if qcfg.get(k) != fcfg.get(k)]
+    if diff:
+        raise ConfigError(f"{quantized} was quantized from another model than {model}: "
+                          + ", ".join(f"{k} {qcfg.get(k)} vs {fcfg.get(k)}" for k in diff))
 
 
 def _print(rows: list[dict[str, Any]], metrics: Mapping[str, Any]) -> None:

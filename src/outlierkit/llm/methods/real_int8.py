@@ -29,6 +29,8 @@ def real_int8_reason(q: QuantLinear) -> str:
         return f"weight {w.label() if w else 'float'} is not int8 symmetric per-channel min-max"
     if not ok(a, ("token",)):
         return f"activation {a.label() if a else 'float'} is not int8 symmetric dynamic per-token"
+    if isinstance(w, IntFormat) and isinstance(a, IntFormat) and w.grid != a.grid:
+        return f"weight grid {w.grid} differs from activation grid {a.grid}"
     return ""
 
 
@@ -71,7 +73,8 @@ class RealInt8(QuantMethod):
                 fallback.append(f"{fqn} ({why})")
                 records.append(LayerRecord(fqn, "real_int8", {"execution": "fake", "reason": why}))
                 continue
-            lin = Int8Linear.from_float(q.inner, real=self.real, name=fqn)
+            assert isinstance(q.act_format, IntFormat)
+            lin = Int8Linear.from_float(q.inner, real=self.real, name=fqn, grid=q.act_format.grid)
             set_module(model, name, lin)
             records.append(LayerRecord(fqn, "real_int8", {
                 "execution": "int8" if self.real else "int8-math-in-float",
