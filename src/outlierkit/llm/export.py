@@ -195,6 +195,7 @@ def load_quantized(directory: str | Path, **load_kwargs: Any) -> Any:
     from outlierkit.llm.models import load_model
 
     d = Path(directory)
+    _check_safetensors(d)
     if is_ct_dir(d):
         return load_model(str(d), **load_kwargs)
     f = d / STATE_FILE
@@ -208,6 +209,19 @@ def load_quantized(directory: str | Path, **load_kwargs: Any) -> Any:
     lm = load_model(str(d), **load_kwargs)
     apply_quant_state(lm.model, state, d)
     return lm
+
+
+def _check_safetensors(d: Path) -> None:
+    """A truncated or corrupt safetensors file is a one-line error, not a traceback from deep in transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(d.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{f} is unreadable or truncated ({str(e).splitlines()[0][:120]}); quantize again") \
+                from None
 
 
 def _guarded_save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:

@@ -299,7 +299,8 @@ def vllm_scheme(ct_fmt: str, scheme: dict[str, Any]) -> tuple[str | None, str]:
             return "CompressedTensorsW8A8Fp8", ""
         return None, f"FP8 inputs must be dynamic (tensor/token) or static per tensor; got {ast}"
     if wt == "int" and at == "int" and ab == 8:
-        if wb == 4 and ws in ("channel", "group") and adyn and ast == "token" and a.get("symmetric"):
+        if wb == 4 and w.get("symmetric") and ws in ("channel", "group") and adyn and ast == "token" \
+                and a.get("symmetric"):
             return "CompressedTensorsW4A8Int", ""
         if wb != 8 or not w.get("symmetric") or ws not in ("channel", "tensor"):
             return None, f"INT8 W8A8 needs symmetric per-channel/per-tensor 8-bit weights; got {wb}-bit {ws}" + \

@@ -268,9 +268,9 @@ def for_target(recipe: Recipe, target: str) -> Recipe:
     import dataclasses
 
     from outlierkit.llm.export import check_target
-    from outlierkit.llm.formats import IntFormat
+    from outlierkit.llm.formats import Grid, IntFormat
 
-    grid = "ct" if check_target(target) == "transformers" else "vllm"
+    grid: Grid = "ct" if check_target(target) == "transformers" else "vllm"
 
     def g(f: Format | None) -> Format | None:
         return dataclasses.replace(f, grid=grid) if isinstance(f, IntFormat) and f.symmetric else f

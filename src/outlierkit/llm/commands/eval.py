@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--samples/--batch-size must be >= 1, --seq-len >= 2, --max-windows >= 0")
     if args.out:
         check_output(args.out, force=args.force)
+    q = None
+    if args.quantized:  # validate the quantized directory before any evaluation runs
+        _check_same_model(args.model, args.quantized)
+        q = load_quantized(args.quantized)
     docs = load_documents(args.data)
     lm = load_model(args.model)
     corpus = build_corpus(lm.tokenizer, docs, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
@@ -42,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
                     max_windows=args.max_windows or None)
     rows = [{"model": lm.name, **evaluate_model(lm.model, lm.tokenizer, data)}]
     report = Report(kind="llm.eval", config={k: v for k, v in vars(args).items()})
-    if args.quantized:
-        _check_same_model(args.model, args.quantized)
-        q = load_quantized(args.quantized)
+    if q is not None:
         rows.append({"model": f"{q.name} (quantized)", **evaluate_model(q.model, lm.tokenizer, data)})
         _reproduce_quantize_fidelity(args.quantized, lm, q.model, report)
         per_layer = layer_sqnr(q.model, data.batches)

@@ -48,15 +48,13 @@ def recipe_with_calib(args: argparse.Namespace, recipe: object) -> object:
 
 def run(args: argparse.Namespace) -> int:
     from outlierkit._utils import log, seed_everything
-    from outlierkit.errors import ConfigError
     from outlierkit._utils.io import check_output, staged_output
+    from outlierkit.errors import ConfigError
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.export import save_quantized
-    from outlierkit.llm.models import load_model
-    from outlierkit.llm.recipe import Recipe, load_recipe, quantize_
-
     from outlierkit.llm.export_ct import recipe_vllm_problems
-    from outlierkit.llm.recipe import for_target
+    from outlierkit.llm.models import load_model
+    from outlierkit.llm.recipe import Recipe, for_target, load_recipe, quantize_
 
     check_output(args.out, force=args.force)
     recipe = recipe_with_calib(args, load_recipe(args.recipe))
