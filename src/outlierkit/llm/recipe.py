@@ -278,6 +278,10 @@ def for_target(recipe: Recipe, target: str) -> Recipe:
     out = copy.deepcopy(recipe)
     out.weight, out.act, out.qkv_out = g(recipe.weight), g(recipe.act), g(recipe.qkv_out)
     out.overrides = [dataclasses.replace(o, weight=g(o.weight), act=g(o.act)) for o in recipe.overrides]
+    if target == "vllm":  # spike layers bring their fused siblings (q/k/v, gate/up share one scheme in vLLM)
+        for s in out.steps:
+            if s.method == "spike_mp":
+                s.params = {**s.params, "fused": True}
     return out
 
 
