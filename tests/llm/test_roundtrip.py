@@ -144,3 +144,16 @@ def test_vllm_refuses_split_fused_shards(llama, batches):
                   "overrides": {"model.layers.0.self_attn.k_proj": "skip"}}, batches, baseline=False)
     problems = vllm_problems(m)
     assert any("q_proj+k_proj+v_proj: fused shards" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("spec", [r for r in RECIPES if load_recipe(r).target == "vllm"], ids=lambda s: Path(s).stem)
+def test_vllm_recipes_export_what_vllm_serves(spec, llama, batches, tok, tmp_path):
+    from outlierkit.llm.export_ct import recipe_vllm_problems, vllm_problems
+
+    recipe = load_recipe(spec)
+    recipe.calib = CalibConfig(min_tokens=1)
+    assert recipe_vllm_problems(recipe) == []
+    m = copy.deepcopy(llama)
+    quantize_(m, recipe, batches, baseline=False, target="vllm")
+    assert vllm_problems(m) == []
+    assert save_quantized(m, tok, tmp_path / "q", target="vllm") == "compressed-tensors"

@@ -62,6 +62,8 @@ class Recipe:
             transforms must come before ``rtn``.
         overrides: per-layer: FQN or ``re:`` regex -> ``skip`` or ``{weight: ..., act: ...}``.
         calib: calibration data (:class:`CalibConfig`).
+        target: who loads the result, ``transformers`` / ``vllm`` / ``outlierkit`` (default None: the
+            ``quantize --target`` default, transformers); ``--target`` on the command line wins.
 
     YAML::
 
@@ -83,6 +85,7 @@ class Recipe:
     steps: list[Step] = field(default_factory=lambda: [Step("rtn")])
     overrides: list[Override] = field(default_factory=list)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    target: str | None = None
 
     def __post_init__(self) -> None:
         names = [s.method for s in self.steps]
@@ -97,7 +100,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
-        valid = {"name", "weight", "act", "qkv_out", "steps", "overrides", "calib"}
+        valid = {"name", "weight", "act", "qkv_out", "steps", "overrides", "calib", "target"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
@@ -128,6 +131,10 @@ class Recipe:
         for pattern, spec in (data.get("overrides") or {}).items():
             ovs.append(_override(str(pattern), spec, f"{where}.overrides[{pattern!r}]"))
         kw["overrides"] = ovs
+        if data.get("target") is not None:
+            from outlierkit.llm.export import check_target
+
+            kw["target"] = check_target(str(data["target"]))
         if "calib" in data:
             kw["calib"] = from_dict(CalibConfig, data["calib"] or {}, where=f"{where}.calib")
         return cls(**kw)
@@ -155,7 +162,7 @@ class Recipe:
         return {"name": self.name, "weight": format_to_dict(self.weight), "act": format_to_dict(self.act),
                 "qkv_out": format_to_dict(self.qkv_out),
                 "steps": [{s.method: dict(s.params)} for s in self.steps], "overrides": ovs,
-                "calib": to_dict(self.calib)}
+                "calib": to_dict(self.calib), **({"target": self.target} if self.target else {})}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

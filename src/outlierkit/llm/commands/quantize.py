@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe YAML/JSON or a preset: fp32, w8a8-rtn, w8a8-smoothquant, w8a8-osplus")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--target", default="transformers", choices=("transformers", "vllm", "outlierkit"),
-                        help="who loads the result: transformers (default: compressed-tensors, simulated on its "
+    parser.add_argument("--target", default=None, choices=("transformers", "vllm", "outlierkit"),
+                        help="who loads the result (default: the recipe's target, else transformers): transformers "
+                             "(compressed-tensors, simulated on its "
                              "grid; outlierkit's format for what it cannot express), vllm (compressed-tensors that "
                              "vLLM serves, refused otherwise) or outlierkit (its own format)")
     add_calib_arguments(parser)
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, force=args.force)
     recipe = recipe_with_calib(args, load_recipe(args.recipe))
     assert isinstance(recipe, Recipe)
+    args.target = args.target or recipe.target or "transformers"
     recipe = for_target(recipe, args.target)
     if args.target == "vllm":  # refuse before any work what the recipe's formats alone rule out
         problems = recipe_vllm_problems(recipe)
