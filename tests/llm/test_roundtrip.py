@@ -157,3 +157,25 @@ def test_vllm_recipes_export_what_vllm_serves(spec, llama, batches, tok, tmp_pat
     quantize_(m, recipe, batches, baseline=False, target="vllm")
     assert vllm_problems(m) == []
     assert save_quantized(m, tok, tmp_path / "q", target="vllm") == "compressed-tensors"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", RECIPES, ids=lambda s: Path(s).stem)
+def test_recipe_round_trips_on_minilm(spec, tmp_path):
+    """The same round trip on the real pretrained MiniLM (an encoder: reloaded with AutoModel)."""
+    from outlierkit.llm.corpus import build_corpus, load_documents
+    from outlierkit.llm.models import load_model
+    from outlierkit.llm.recipe import model_outputs
+
+    lm = load_model("minilm")
+    batches = build_corpus(lm.tokenizer, load_documents(None), samples=8, seq_len=32, seed=0).batches(8)
+    recipe = load_recipe(spec)
+    recipe.calib = CalibConfig(min_tokens=1)
+    quantize_(lm.model, recipe, batches, baseline=False, target="transformers")
+    ours = model_outputs(lm.model, batches)
+    fmt = save_quantized(lm.model, lm.tokenizer, tmp_path / "q")
+    got = model_outputs(load_quantized(tmp_path / "q").model, batches)
+    if fmt == "compressed-tensors" and any(s.method == "real_int8" for s in recipe.steps):
+        assert all(float((g - o).abs().max()) < 0.05 * float(o.abs().max()) for g, o in zip(got, ours, strict=True))
+    else:
+        assert all(torch.equal(g, o) for g, o in zip(got, ours, strict=True)), fmt

@@ -63,9 +63,9 @@ class IntFormat:
             min/max), ``percentile`` (``percentile`` of |x| per batch, averaged) or ``mse`` (clip ratio
             minimizing the quantization MSE on the collected samples). Weights use ``minmax`` or ``mse``.
         percentile: for ``observer="percentile"`` (default 99.99).
-        grid: symmetric scale rule: ``vllm`` (default, absmax / (2^(b-1) - 1), what vLLM's INT8 kernels
-            compute) or ``ct`` (absmax / (2^(b-1) - 1/2), what compressed-tensors computes when
-            transformers reloads an export). Asymmetric grids are the same in both.
+        grid: ``vllm`` (default: symmetric scale absmax / (2^(b-1) - 1) and asymmetric round(x/s) + z, what
+            vLLM's INT8 kernels compute) or ``ct`` (absmax / (2^(b-1) - 1/2) and round(x/s + z) with signed
+            codes: what compressed-tensors computes when transformers reloads an export).
     """
 
     bits: int = 8
@@ -102,7 +102,7 @@ class IntFormat:
     def label(self) -> str:
         g = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         return (f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}" + ("" if self.dynamic else "-static")
-                + ("-ct" if self.grid == "ct" and self.symmetric else ""))
+                + ("-ct" if self.grid == "ct" else ""))
 
 
 @dataclass(frozen=True)
@@ -281,8 +281,23 @@ def fake_quant(x: torch.Tensor, fmt: Format | None,
         lo, hi = rng[0].float().reshape(1, 1), rng[1].float().reshape(1, 1)
     else:
         lo, hi = r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
+    if fmt.grid == "ct" and not fmt.symmetric:
+        return _ct_asym_fake_quant(r, lo, hi, fmt.bits).reshape(x.shape).to(dtype)
     scale, zp = int_qparams(lo, hi, fmt.bits, fmt.symmetric, fmt.grid)
     return int_fake_quant(r, scale, zp, fmt.bits, fmt.symmetric, (lo, hi)).reshape(x.shape).to(dtype)
+
+
+def _ct_asym_fake_quant(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' asymmetric quantizer in its own order of operations (signed codes, the zero point
+    added before rounding: ``round(clamp(x / s + z))``), so a transformers reload computes the same values.
+    Mathematically the grid of :func:`int_fake_quant`; in float it differs at near-ties."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo_, hi_ = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi_ - lo_) / (2**bits - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.round(torch.clamp(qmin - lo_ / scale, qmin, qmax))
+    q = torch.round(torch.clamp(r / scale + zp, qmin, qmax))
+    return (q - zp) * scale
 
 
 def fp8_fake_quant(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:

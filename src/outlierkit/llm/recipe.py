@@ -280,7 +280,7 @@ def for_target(recipe: Recipe, target: str) -> Recipe:
     grid: Grid = "ct" if check_target(target) == "transformers" else "vllm"
 
     def g(f: Format | None) -> Format | None:
-        return dataclasses.replace(f, grid=grid) if isinstance(f, IntFormat) and f.symmetric else f
+        return dataclasses.replace(f, grid=grid) if isinstance(f, IntFormat) else f
 
     out = copy.deepcopy(recipe)
     out.weight, out.act, out.qkv_out = g(recipe.weight), g(recipe.act), g(recipe.qkv_out)
