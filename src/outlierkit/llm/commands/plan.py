@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             fmt = save_quantized(lm.model, lm.tokenizer, stage / "model", recipe_yaml=plan.recipe.to_yaml(),
                                  target=args.target)
             report.artifacts["model"] = "model/"
-            report.artifacts["model_format"] = fmt
+            report.config["saved_format"] = fmt
             report.metrics["export_weights_bytes"] = float(sum(f.stat().st_size
                                                                for f in (stage / "model").glob("*.safetensors")))
         report.save(stage)

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     with staged_output(args.out, force=args.force) as stage:
         fmt = save_quantized(lm.model, lm.tokenizer, stage, recipe_yaml=recipe.to_yaml(), target=args.target)
         report.metrics["export_compressed_tensors"] = float(fmt == "compressed-tensors")
-        report.artifacts.update({"model": "model.safetensors", "recipe": "recipe.yaml", "format": fmt})
+        report.artifacts.update({"model": "model.safetensors", "recipe": "recipe.yaml"})
+        report.config["saved_format"] = fmt
         if fmt != "compressed-tensors":
             report.artifacts["quant_state"] = "outlierkit_quant.json"
             report.warn("saved in outlierkit's format (compressed-tensors cannot express this recipe): load it with "
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{lm.name} -> {args.out}: output SQNR {m['output_sqnr_db']:.2f} dB"
           + (f" (plain RTN with the same formats: {rtn:.2f} dB)" if rtn is not None else "")
           + f", {m['layers_quantized']} layers quantized, "
-          f"min layer SQNR {m.get('layer_sqnr_db_min', float('nan')):.2f} dB")
+          f"min layer SQNR {m.get('layer_sqnr_db_min', float('nan')):.2f} dB; saved as {fmt} (target {args.target})")
     for w in report.warnings:
         print(f"note: {w}")
     return 0
