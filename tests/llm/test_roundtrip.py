@@ -15,6 +15,12 @@ from outlierkit.llm.export_ct import fused_groups, vllm_scheme
 from outlierkit.llm.recipe import PRESETS, CalibConfig, load_recipe, quantize_
 
 RECIPES = sorted(str(p) for p in (Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+# vLLM-servable on the tiny LLaMA (the docs' scheme table): per-tensor dynamic INT8 inputs, asymmetric or 6-bit
+# weights and the LLM.int8() split are not; per-token dynamic, per-tensor static and packed W4A16 are.
+VLLM_SERVABLE = {"llm_int8": False, "spike_mp": False, "spike_mp_fp8": False, "spike_mp_random": False,
+                 "spike_mp_smoothquant": True, "w4a16-group": True, "w4a8-group": False, "w6a6-osplus-mixed": False,
+                 "w8a8-osplus": False, "w8a8-real-int8": True, "w8a8-rtn": False, "w8a8-smoothquant": False,
+                 "w8a8-static-vllm": True, "w8a8-token-vllm": True, "fp32": True}
 
 
 def _logits(m, batches):
@@ -49,6 +55,14 @@ def test_recipe_round_trips_on_tiny_llama(spec, llama, batches, tok, tmp_path):
     if fmt == "compressed-tensors":
         cfg = json.loads((tmp_path / "q" / "config.json").read_text())
         assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    from outlierkit.errors import ConfigError
+    from outlierkit.llm.export_ct import vllm_problems
+
+    try:
+        servable = not vllm_problems(m)
+    except ConfigError:  # not expressible in compressed-tensors at all
+        servable = False
+    assert servable == VLLM_SERVABLE[Path(spec).stem], spec
 
 
 def test_real_int8_and_llm_int8_reload_exactly_in_outlierkit_format(llama, batches, tok, tmp_path):
