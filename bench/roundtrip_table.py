@@ -1,6 +1,6 @@
 """Round trip of every recipe file and preset: quantize -> save -> reload -> output SQNR, measured side by side.
 
-    .venv/bin/python bench/roundtrip_table.py [--models llama minilm] [--samples 16] [--seq-len 64]
+    .venv/bin/python bench/roundtrip_table.py [--models llama minilm] [--samples 16] [--seq-len 64] [--recipes ...]
 
 Per model and recipe: the output SQNR that ``quantize_`` reports (against the float model, on the calibration
 batches), the output SQNR of the model reloaded from the saved directory (transformers for compressed-tensors,
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["llama", "minilm"])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--recipes", nargs="+", default=None, help="recipe files / presets (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from outlierkit.llm.corpus import build_corpus, load_documents
@@ -34,7 +35,7 @@ def main() -> None:
     from outlierkit.llm.models import load_model
     from outlierkit.llm.recipe import PRESETS, CalibConfig, load_recipe, model_outputs, output_sqnr, quantize_
 
-    specs = [*sorted(str(p) for p in Path("recipes").glob("*.yaml")), *sorted(PRESETS)]
+    specs = args.recipes or [*sorted(str(p) for p in Path("recipes").glob("*.yaml")), *sorted(PRESETS)]
     print("| model | recipe | target | reported SQNR dB | reloaded SQNR dB | format | vLLM-servable | weights MB |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
