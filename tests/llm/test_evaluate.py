@@ -49,7 +49,7 @@ def test_save_reload_with_transformers_and_quant_state(tmp_path, corpus, tok):
     quantize_(model, {"weight": "int6-channel", "act": "int8-static", "steps": [{"os_plus": {"batches": 1}}, "rtn"]},
               corpus, baseline=False)
     quant_ref = model_outputs(model, batches)
-    save_quantized(model, tok, tmp_path / "q", recipe_yaml="steps: [rtn]\n")
+    save_quantized(model, tok, tmp_path / "q", recipe_yaml="steps: [rtn]\n", target="outlierkit")  # float + state
     assert quant_ref[0].shape == model_outputs(model, batches)[0].shape  # still wrapped after saving
     # plain transformers: the transformed float model (same outputs as the original float model)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()

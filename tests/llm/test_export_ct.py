@@ -43,8 +43,10 @@ def _ct_library_load(d):
     del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg).eval()
     apply_quantization_config(model, qcfg)
+    compressor = ModelCompressor(quantization_config=qcfg)
+    compressor.compress_model(model)  # the compressed parameter layout (weight_packed for packed groups)
     model.load_state_dict(load_file(d / "model.safetensors"), strict=True)
-    ModelCompressor(quantization_config=qcfg).decompress_model(model)
+    compressor.decompress_model(model)
     return model
 
 
@@ -56,8 +58,9 @@ def test_weight_only_mixed_int8_fp8_round_trip_is_exact(llama, batches, tok, tmp
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "mixed-precision"
     groups = {g["format"]: g for g in cfg["config_groups"].values()}
     assert sorted(groups["float-quantized"]["targets"]) == sorted(spikes)
-    assert len(groups["int-quantized"]["targets"]) == 12
-    assert groups["int-quantized"]["weights"]["strategy"] == "channel"
+    # weight-only INT is written pack-quantized: the only form vLLM serves W8A16/W4A16 in
+    assert len(groups["pack-quantized"]["targets"]) == 12
+    assert groups["pack-quantized"]["weights"]["strategy"] == "channel"
     assert cfg["ignore"] == ["lm_head"] and summary["ignore"] == ["lm_head"]
     ours = _logits(m, batches)
     from transformers import AutoModelForCausalLM

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from outlierkit.errors import ConfigError
@@ -103,6 +103,7 @@ def test_roundtrip_within_half_step(x, fmt):
 
 @settings(max_examples=150, deadline=None)
 @given(x=tensors, fmt=formats)
+@example(x=torch.tensor([[9998.0, -9998.0]]), fmt=IntFormat(3, symmetric=False))  # float rounding left code 7 unused
 def test_idempotent_and_exact_grid(x, fmt):
     q = fake_quant(x, fmt)
     q2 = fake_quant(q, fmt)
@@ -182,3 +183,49 @@ def test_weight_mse_clip_not_worse_than_minmax():
     e_mse = (weight_fake_quant(w, fmt_mse) - w).pow(2).sum(-1)
     assert (e_mse <= e_mm + 1e-6).all() and e_mse.sum() < e_mm.sum()
     assert not math.isnan(float(e_mse.sum()))
+
+
+def test_nan_in_a_symmetric_group_is_not_quantized_with_scale_one():
+    """Regression (issue 10): one NaN made the group's scale NaN, replaced by 1, so the finite values were
+    rounded to integers. Now the granule is NaN (what the engines compute), visibly."""
+    x = torch.tensor([[0.013, -0.02, float("nan"), 0.005], [0.5, -0.25, 0.125, 0.1]])
+    for fmt in (IntFormat(8, granularity="token"), IntFormat(4, granularity="group", group_size=2),
+                IntFormat(8, symmetric=False, granularity="token"), FP8Format(granularity="token")):
+        q = fake_quant(x, fmt)
+        bad = q[0] if fmt.granularity == "token" else q[0, 2:]
+        assert torch.isnan(bad).all(), fmt
+        assert torch.isfinite(q[1]).all() and torch.allclose(q[1], x[1], atol=0.04)  # half an int4 step
+        if fmt.granularity == "group":
+            assert torch.allclose(q[0, :2], x[0, :2], atol=0.01)  # the other group keeps its own scale
+
+
+@pytest.mark.parametrize("strategy", ["token", "tensor"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ct_grid_equals_compressed_tensors_fake_quantize(strategy, bits, symmetric):
+    """grid ct reproduces compressed-tensors' own dynamic quantizer (calculate_qparams + fake_quantize) bit for bit."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 64) * torch.logspace(-2, 2, 64)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy, dynamic=True)
+    if strategy == "tensor":
+        lo, hi = x.amin().reshape(1), x.amax().reshape(1)
+    else:
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    scale, zp = calculate_qparams(lo, hi, args)
+    ref = fake_quantize(x, scale, zp, args)
+    ours = fake_quant(x, IntFormat(bits, symmetric, granularity=strategy, grid="ct"))
+    assert torch.equal(ours, ref)
+    if symmetric:
+        vllm = fake_quant(x, IntFormat(bits, granularity=strategy))
+        assert not torch.equal(vllm, ref)  # absmax / 127 vs / 127.5: the two engines really differ
+
+
+def test_static_grid_uses_the_engines_clamp_range():
+    """Static scales: codes saturate to [-128, 127] as vLLM's and compressed-tensors' kernels do."""
+    fmt = IntFormat(8, dynamic=False)
+    q = fake_quant(torch.tensor([[-5.0, 5.0, 0.5]]), fmt, (torch.tensor(-1.27), torch.tensor(1.27)))
+    assert torch.allclose(q, torch.tensor([[-1.28, 1.27, 0.5]]))

@@ -145,3 +145,25 @@ def test_real_int8_step_without_int_mm_notes_and_still_matches(monkeypatch):
     with torch.no_grad():
         real = m(input_ids=ids).logits
     assert float((real - fake).abs().max()) < 1e-4 * float(fake.abs().max())
+
+
+def test_real_int8_warns_when_int8_is_slower_than_float_here(llama, batches, monkeypatch):
+    """real_int8 measures Int8Linear against the float and bf16 linear on this machine and says when it is slower."""
+    import outlierkit.llm.methods.real_int8 as ri
+
+    calls = []
+
+    def fake_probe(q, tokens=16, reps=3):
+        calls.append(q.name)
+        return {"layer": q.name, "tokens": tokens, "float_dtype": "float32", "float_ms": 1.0, "bf16_ms": 2.0,
+                "int8_ms": 3.0}
+
+    monkeypatch.setattr(ri, "int8_speed_probe", fake_probe)
+    rec = {"weight": "int8-channel", "act": "int8-token", "calib": {"min_tokens": 64}, "steps": ["rtn", "real_int8"]}
+    rep = quantize_(copy.deepcopy(llama), rec, batches, baseline=False)
+    assert calls and any("slower than the float linear" in w for w in rep.warnings)
+    monkeypatch.setattr(ri, "int8_speed_probe", lambda q, tokens=16, reps=3: {**fake_probe(q), "int8_ms": 0.5})
+    rep = quantize_(copy.deepcopy(llama), rec, batches, baseline=False)
+    assert not any("slower than the float linear" in w for w in rep.warnings)
+    probe = ri.int8_speed_probe(ri.Int8Linear(torch.randn(8, 16), name="x"), tokens=2, reps=1)
+    assert probe["int8_ms"] > 0 and probe["bf16_ms"] > 0 and probe["layer"] == "x"

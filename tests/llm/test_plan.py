@@ -111,3 +111,31 @@ def test_plan_cli(tiny_llama_dir, tmp_path, capsys):
     assert "uniform alternatives" in capsys.readouterr().out
     assert main(["plan", str(tiny_llama_dir), "--out", str(tmp_path / "x")]) == 2  # no target
     assert main(["plan", str(tiny_llama_dir), "--bits", "8.5", "--metric", "cos", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_vllm_target_decides_per_fused_group(tok, data, tmp_path, capsys):
+    """--target vllm: q/k/v and gate/up are kept or quantized together (vLLM loads each as one layer), the
+    formats must be servable, and the export passes vLLM's scheme matching."""
+    from outlierkit.llm.export_ct import fused_groups, vllm_problems
+
+    model = tiny_model("llama")
+    plan = Planner(model, tok, data[0], _ev(data), weight=W, act=parse_format("int8-token"),
+                   target=PlanTarget(bits=11.0), transforms=("rtn",), metric="top1", fused=True).run()
+    kept = set(plan.kept)
+    assert kept
+    names = [n for n, m in model.named_modules() if n.startswith("model.layers.") and hasattr(m, "weight")
+             and m.weight.dim() == 2]
+    for shards in fused_groups(names).values():
+        assert len({s in kept for s in shards}) == 1, (shards, kept)
+    m = copy.deepcopy(model)
+    rec = copy.deepcopy(plan.recipe)
+    rec.calib = CalibConfig(min_tokens=1)
+    quantize_(m, rec, data[0], baseline=False)
+    assert vllm_problems(m) == []
+    # per-tensor dynamic INT8 activations are refused before any work
+    from outlierkit.llm.fixtures import save_tiny
+
+    d = save_tiny(tmp_path / "llama", "llama")
+    assert main(["plan", str(d), "--bits", "9", "--target", "vllm", "--out", str(tmp_path / "p")]) == 2
+    assert "per-token dynamic or per-tensor static" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

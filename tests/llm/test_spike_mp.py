@@ -178,3 +178,20 @@ def test_bundled_recipe_with_separate_rtn_step(llama, batches):
     rows = [r for r in rep.tables["transforms"] if r.get("method") == "spike_mp"]
     assert sorted(sel) == sorted(r["layer"] for r in rows if r["spike_ratio"] >= 100)
     assert sorted(n for n, q in m.named_modules() if isinstance(q, QuantLinear) and q.is_float) == sorted(sel)
+
+
+def test_fused_selection_keeps_whole_fused_groups(llama, batches):
+    """fused (set by --target vllm): selecting k_proj keeps q/k/v together, so vLLM can serve the export."""
+    from outlierkit.llm.export_ct import vllm_problems
+
+    recipe = {"weight": "int8-channel", "act": "int8-token", "calib": {"min_tokens": 64},
+              "steps": [{"spike_mp": {"select": "list", "layers": ["model.layers.1.self_attn.k_proj"],
+                                      "fused": True}}]}
+    m = copy.deepcopy(llama)
+    rep = quantize_(m, recipe, batches, baseline=False)
+    assert sorted(_selected(rep)) == [f"model.layers.1.self_attn.{p}_proj" for p in "kqv"]
+    assert vllm_problems(m) == []
+    m = copy.deepcopy(llama)
+    recipe["steps"][0]["spike_mp"]["fused"] = False
+    quantize_(m, recipe, batches, baseline=False)
+    assert any("fused shards" in p for p in vllm_problems(m))

@@ -3,12 +3,23 @@
 Every function here maps a float tensor to a float tensor on the quantization grid ("quantize then
 dequantize"), so a quantized model runs with ordinary float kernels and its error can be measured exactly.
 
-Integer grid (the anchors' quantizer, quant-anchors 2.6)::
+Integer grid (the anchors' quantizer, quant-anchors 2.6, with the serving engines' clamp range)::
 
-    symmetric:  s = max|x| / (2^(b-1) - 1),        q = clamp(round(x / s), -qmax, qmax),  x^ = s q
+    symmetric:  s = max|x| / d,   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),  x^ = s q
+                d = 2^(b-1) - 1 (grid "vllm", default: vLLM's INT8 kernels, scale absmax / 127)
+                d = 2^(b-1) - 1/2 (grid "ct": compressed-tensors' calculate_qparams, absmax / 127.5)
     asymmetric: s = (max+ - min-) / (2^b - 1),     z = clamp(-round(min- / s), 0, 2^b - 1)
                 q = clamp(round(x / s) + z, 0, 2^b - 1),  x^ = s (q - z)
-    with min- = min(min x, 0), max+ = max(max x, 0).
+    with min- = min(min x, 0), max+ = max(max x, 0); an element equal to min- (max+) takes code 0
+    (2^b - 1): in exact arithmetic it does anyway, and forcing it keeps fake quantization idempotent where
+    float rounding would otherwise leave the top code unused (``[9998, -9998]`` at int3).
+
+Where the engines differ (written down, see docs/quantization.md "Simulated = deployed"): vLLM quantizes
+dynamic INT8 activations with s = absmax / 127 and round-to-nearest-even saturated to [-128, 127];
+transformers + compressed-tensors recompute s = absmax / 127.5 on reload. Stored weights and static input
+scales are read back as written, so they are exact for both. A zero scale becomes 1 (the value is 0
+anyway); a NaN in a granule makes the scale NaN, so the whole granule is NaN, as in both engines,
+never silently quantized with another scale.
 
 FP8 (llm-compressor / torchao): s = amax / 448 (E4M3) or amax / 57344 (E5M2), x^ = s cast_fp8(clamp(x / s)).
 
@@ -29,6 +40,7 @@ from outlierkit.errors import ConfigError
 
 Granularity = Literal["tensor", "channel", "token", "group"]
 Observer = Literal["minmax", "avg_minmax", "percentile", "mse"]
+Grid = Literal["vllm", "ct"]
 FP8Kind = Literal["e4m3", "e5m2"]
 
 FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
@@ -51,6 +63,9 @@ class IntFormat:
             min/max), ``percentile`` (``percentile`` of |x| per batch, averaged) or ``mse`` (clip ratio
             minimizing the quantization MSE on the collected samples). Weights use ``minmax`` or ``mse``.
         percentile: for ``observer="percentile"`` (default 99.99).
+        grid: ``vllm`` (default: symmetric scale absmax / (2^(b-1) - 1) and asymmetric round(x/s) + z, what
+            vLLM's INT8 kernels compute) or ``ct`` (absmax / (2^(b-1) - 1/2) and round(x/s + z) with signed
+            codes: what compressed-tensors computes when transformers reloads an export).
     """
 
     bits: int = 8
@@ -60,6 +75,7 @@ class IntFormat:
     dynamic: bool = True
     observer: Observer = "minmax"
     percentile: float = 99.99
+    grid: Grid = "vllm"
     kind: Literal["int"] = "int"
 
     def __post_init__(self) -> None:
@@ -73,6 +89,8 @@ class IntFormat:
             raise ConfigError(f"observer must be minmax, avg_minmax, percentile or mse, got {self.observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.grid not in ("vllm", "ct"):
+            raise ConfigError(f"grid must be vllm or ct, got {self.grid!r}")
         if not self.dynamic and self.granularity != "tensor":
             raise ConfigError("static (calibrated) activation ranges are per-tensor; use dynamic: true for "
                               f"granularity {self.granularity!r}")
@@ -83,7 +101,8 @@ class IntFormat:
 
     def label(self) -> str:
         g = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}" + ("" if self.dynamic else "-static")
+        return (f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}" + ("" if self.dynamic else "-static")
+                + ("-ct" if self.grid == "ct" else ""))
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,8 @@ def _parse_short(text: str, where: str) -> Format | None:
             ikw["granularity"], ikw["group_size"] = "group", int(p[1:])
         elif p == "static":
             ikw["dynamic"] = False
+        elif p in ("ct", "vllm"):
+            ikw["grid"] = p
         else:
             raise ConfigError(f"{where}: unknown part {p!r} in {text!r}")
     return IntFormat(**ikw)
@@ -200,27 +221,46 @@ def minmax(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
     return r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
 
 
-def int_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero point) from a range; a zero-width range gets scale 1 so nothing divides by 0."""
-    if symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        scale = amax / (2 ** (bits - 1) - 1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.zeros_like(scale)
+def int_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                grid: Grid = "vllm") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) from a range; a zero-width range gets scale 1 so nothing divides by 0.
+
+    The zero point is unsigned (codes in [0, 2^b - 1]); compressed-tensors stores it minus 2^(b-1).
+    A NaN range gives a NaN scale (the granule becomes NaN, as in the engines), not scale 1.
+    """
     lo_, hi_ = lo.clamp(max=0), hi.clamp(min=0)
+    if symmetric:
+        amax = torch.maximum(lo_.abs(), hi_.abs())
+        scale = amax / ((2 ** (bits - 1) - 1) + (0.5 if grid == "ct" else 0.0))
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, torch.zeros_like(scale)
     scale = (hi_ - lo_) / (2**bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zp = (-torch.round(lo_ / scale)).clamp(0, 2**bits - 1)
     return scale, zp
 
 
-def int_fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Quantize-dequantize ``x`` on the grid (scale, zp); shapes broadcast."""
+def int_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, symmetric: bool,
+              ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Integer codes (as floats) of ``x`` on the grid (scale, zp): signed for symmetric grids, in
+    [0, 2^b - 1] for asymmetric ones. ``ends`` = the (lo, hi) the asymmetric grid was made from:
+    elements equal to min(lo, 0) / max(hi, 0) take the end codes (see the module docstring)."""
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
-    q = torch.clamp(torch.round(x / scale) + zp, 0, 2**bits - 1)
-    return (q - zp) * scale
+        return torch.clamp(torch.round(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    top = 2**bits - 1
+    q = torch.clamp(torch.round(x / scale) + zp, 0, top)
+    if ends is not None:
+        lo, hi = ends[0].clamp(max=0), ends[1].clamp(min=0)
+        q = torch.where((x == lo) & (lo < 0), torch.zeros_like(q), q)
+        q = torch.where((x == hi) & (hi > 0), torch.full_like(q, top), q)
+    return q
+
+
+def int_fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, symmetric: bool,
+                   ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` on the grid (scale, zp); shapes broadcast."""
+    q = int_codes(x, scale, zp, bits, symmetric, ends)
+    return q * scale if symmetric else (q - zp) * scale
 
 
 def fake_quant(x: torch.Tensor, fmt: Format | None,
@@ -241,8 +281,23 @@ def fake_quant(x: torch.Tensor, fmt: Format | None,
         lo, hi = rng[0].float().reshape(1, 1), rng[1].float().reshape(1, 1)
     else:
         lo, hi = r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
-    scale, zp = int_qparams(lo, hi, fmt.bits, fmt.symmetric)
-    return int_fake_quant(r, scale, zp, fmt.bits, fmt.symmetric).reshape(x.shape).to(dtype)
+    if fmt.grid == "ct" and not fmt.symmetric:
+        return _ct_asym_fake_quant(r, lo, hi, fmt.bits).reshape(x.shape).to(dtype)
+    scale, zp = int_qparams(lo, hi, fmt.bits, fmt.symmetric, fmt.grid)
+    return int_fake_quant(r, scale, zp, fmt.bits, fmt.symmetric, (lo, hi)).reshape(x.shape).to(dtype)
+
+
+def _ct_asym_fake_quant(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' asymmetric quantizer in its own order of operations (signed codes, the zero point
+    added before rounding: ``round(clamp(x / s + z))``), so a transformers reload computes the same values.
+    Mathematically the grid of :func:`int_fake_quant`; in float it differs at near-ties."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo_, hi_ = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi_ - lo_) / (2**bits - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.round(torch.clamp(qmin - lo_ / scale, qmin, qmax))
+    q = torch.round(torch.clamp(r / scale + zp, qmin, qmax))
+    return (q - zp) * scale
 
 
 def fp8_fake_quant(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
@@ -254,14 +309,14 @@ def fp8_fake_quant(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
     r = _rows(x, fmt)
     amax = r.abs().amax(dim=-1, keepdim=True)
     scale = amax / fmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
     return ((r / scale).clamp(-fmax, fmax).to(dt).to(x.dtype) * scale).reshape(x.shape)
 
 
 def quant_step(x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """Scale (grid step) per granule for dynamic int quantization of ``x`` (for tests and reports)."""
     lo, hi = minmax(x.float(), fmt)
-    return int_qparams(lo, hi, fmt.bits, fmt.symmetric)[0]
+    return int_qparams(lo, hi, fmt.bits, fmt.symmetric, fmt.grid)[0]
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -321,10 +376,36 @@ def mse_clip(v: torch.Tensor, lo: float, hi: float, fmt: IntFormat, n: int = 50)
     """The range (r lo, r hi), r in [0.3, 1], with the lowest fake-quantization MSE on ``v`` (vectorized)."""
     ratios = torch.linspace(0.3, 1.0, n)  # (n,)
     los, his = (ratios * lo).reshape(n, 1), (ratios * hi).reshape(n, 1)
-    scale, zp = int_qparams(los, his, fmt.bits, fmt.symmetric)  # (n, 1)
-    err = (int_fake_quant(v.reshape(1, -1), scale, zp, fmt.bits, fmt.symmetric) - v).pow(2).mean(dim=1)  # (n,)
+    scale, zp = int_qparams(los, his, fmt.bits, fmt.symmetric, fmt.grid)  # (n, 1)
+    err = (int_fake_quant(v.reshape(1, -1), scale, zp, fmt.bits, fmt.symmetric, (los, his)) - v).pow(2).mean(dim=1)
     best = int(err.argmin())
     return float(los[best]), float(his[best])
+
+
+def weight_qparams(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The integer grid of a weight: (codes, scale, zero point) on the ``_rows`` view of ``w``.
+
+    Min-max per granule, or (``observer: mse``) the clip ratio in [0.3, 1] with the lowest squared error
+    per granule. The exporter writes exactly these codes and scales, so a reloaded weight equals the
+    fake-quantized one bit for bit.
+    """
+    r = _rows(w.float(), fmt)  # (rows, C) or (rows, C/G, G) or (1, N)
+    lo, hi = r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
+    if fmt.observer != "mse":
+        scale, zp = int_qparams(lo, hi, fmt.bits, fmt.symmetric, fmt.grid)
+        return int_codes(r, scale, zp, fmt.bits, fmt.symmetric, (lo, hi)), scale, zp
+    best = torch.full_like(lo, math.inf)
+    codes, b_scale, b_zp = torch.empty_like(r), torch.ones_like(lo), torch.zeros_like(lo)
+    for ratio in torch.linspace(0.3, 1.0, 36).tolist():  # loop over 36 ratios, vectorized over granules
+        ends = (lo * ratio, hi * ratio)
+        scale, zp = int_qparams(*ends, fmt.bits, fmt.symmetric, fmt.grid)
+        q = int_codes(r, scale, zp, fmt.bits, fmt.symmetric, ends)
+        err = ((q - zp) * scale - r).pow(2).sum(dim=-1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        codes, b_scale, b_zp = torch.where(better, q, codes), torch.where(better, scale, b_scale), \
+            torch.where(better, zp, b_zp)
+    return codes, b_scale, b_zp
 
 
 def weight_fake_quant(w: torch.Tensor, fmt: Format | None) -> torch.Tensor:
@@ -332,17 +413,7 @@ def weight_fake_quant(w: torch.Tensor, fmt: Format | None) -> torch.Tensor:
 
     ``token`` granularity on a weight means per output row, the same as ``channel``.
     """
-    if fmt is None or isinstance(fmt, FP8Format) or fmt.observer != "mse":
+    if fmt is None or isinstance(fmt, FP8Format):
         return fake_quant(w, fmt)
-    r = _rows(w.float(), fmt)  # (rows, C) or (rows, C/G, G) or (1, N)
-    lo, hi = r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
-    best = torch.full_like(lo, math.inf)
-    out = torch.empty_like(r)
-    for ratio in torch.linspace(0.3, 1.0, 36).tolist():  # loop over 36 ratios, vectorized over granules
-        scale, zp = int_qparams(lo * ratio, hi * ratio, fmt.bits, fmt.symmetric)
-        q = int_fake_quant(r, scale, zp, fmt.bits, fmt.symmetric)
-        err = (q - r).pow(2).sum(dim=-1, keepdim=True)
-        better = err < best
-        best = torch.where(better, err, best)
-        out = torch.where(better, q, out)
-    return out.reshape(w.shape).to(w.dtype)
+    codes, scale, zp = weight_qparams(w, fmt)
+    return ((codes - zp) * scale).reshape(w.shape).to(w.dtype)

@@ -35,10 +35,15 @@ def int_mm_available(device: torch.device | str = "cpu") -> bool:
     return _INT_MM_OK[key]
 
 
-def quantize_rows(x: torch.Tensor, qmax: int = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax quantization per row: (int8 codes, float32 scales (rows, 1))."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / qmax  # (R, 1)
-    q = torch.round(x.float() / scale).clamp_(-qmax, qmax).to(torch.int8)
+def quantize_rows(x: torch.Tensor, qmax: int = QMAX, grid: str = "vllm") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax quantization per row: (int8 codes, float32 scales (rows, 1)).
+
+    ``grid`` vllm: s = absmax / 127 (vLLM's dynamic INT8 kernel); ct: s = absmax / 127.5 with codes in
+    [-128, 127] (compressed-tensors, what transformers computes on reload).
+    """
+    div = qmax + 0.5 if grid == "ct" else qmax
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / div  # (R, 1)
+    q = torch.round(x.float() / scale).clamp_(-(qmax + 1), qmax).to(torch.int8)
     return q, scale
 
 
@@ -85,9 +90,10 @@ class Int8Linear(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, threshold: float | None = None,
-                 real: bool = True, name: str = "") -> None:
+                 real: bool = True, name: str = "", grid: str = "vllm") -> None:
         super().__init__()
-        q, scale = quantize_rows(weight.detach())
+        self.grid = grid  # scale rule of weights and activations (see quantize_rows)
+        q, scale = quantize_rows(weight.detach(), grid=grid)
         self.register_buffer("weight_int8", q)  # (out, in) int8
         self.register_buffer("weight_scale", scale.squeeze(1))  # (out,) float32
         if bias is not None:
@@ -98,6 +104,7 @@ class Int8Linear(nn.Module):
         self.threshold = threshold
         self.real = real
         self.name = name
+        self.conv1d = False  # replaced a GPT-2 Conv1D (weight stored (in, out)): saved back in that layout
         self.last_outlier_columns = 0
         if real and not int_mm_available(weight.device):
             warnings.warn(f"torch._int_mm is unavailable on {weight.device.type}; {name or 'Int8Linear'} computes "
@@ -109,7 +116,9 @@ class Int8Linear(nn.Module):
         if not is_linear(module):
             raise TypeError(f"{type(module).__name__} is not nn.Linear or Conv1D")
         bias = getattr(module, "bias", None)
-        return cls(linear_weight(module), bias if isinstance(bias, torch.Tensor) else None, **kwargs)
+        out = cls(linear_weight(module), bias if isinstance(bias, torch.Tensor) else None, **kwargs)
+        out.conv1d = type(module).__name__ == "Conv1D"
+        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]  # (out, in)
@@ -128,7 +137,7 @@ class Int8Linear(nn.Module):
                 x_in = x2
         else:
             x_in = x2
-        xq, sx = quantize_rows(x_in)  # (M, in) int8, (M, 1)
+        xq, sx = quantize_rows(x_in, grid=self.grid)  # (M, in) int8, (M, 1)
         if self.real:
             acc = int8_matmul(xq, self.weight_int8.t())  # (M, out) int32
             y = acc.float() * sx * self.weight_scale[None, :]

@@ -175,13 +175,16 @@ class Planner:
         calib_config: the recipe's calibration settings (written into the recipe).
         profile: a saved activation profile with linear-input sites (default: profile ``calib`` now); only
             the spike ratios shown in the report and used to break SQNR ties come from it.
+        fused: decide per fused group (q/k/v, gate/up: one layer in vLLM, which needs one scheme per fused
+            layer): a group is kept or quantized as a whole, ranked by its worst member (default False;
+            ``plan --target vllm`` sets it).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, calib: list[Batch], eval_data: EvalData, *,
                  weight: Format | None, act: Format | None, target: PlanTarget,
                  transforms: Sequence[str] = TRANSFORMS, metric: str = "auto",
                  calib_config: CalibConfig | None = None, name: str = "planned",
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, fused: bool = False) -> None:
         if metric not in METRICS:
             raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if metric == "auto":
@@ -203,6 +206,7 @@ class Planner:
         self.transforms = list(transforms)
         self.calib_config = calib_config or CalibConfig(min_tokens=1)
         self.name = name
+        self.fused = fused
         self.probes: list[Probe] = []
         self.ref = measure(model, tokenizer, eval_data, self.metric)  # also fills the float reference
         self.fmt_bits = weight.bits if weight is not None and hasattr(weight, "bits") else (8 if weight else 16)
@@ -264,9 +268,11 @@ class Planner:
             self._rtn(probe_m, [])
             sqnr = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(probe_m, self.calib).items()}
             del probe_m
-            ranked = sorted(names, key=lambda n: (sqnr.get(n, math.inf), -spikes[n].ratio))
+            units = self._units(names)
+            units.sort(key=lambda u: (min(sqnr.get(n, math.inf) for n in u), -max(spikes[n].ratio for n in u)))
+            ranked = [n for u in units for n in u]
             per_transform[t] = {"model": tm, "sqnr": sqnr, "ranked": ranked, "touched": touched}
-            per_transform[t]["best"] = self._search(t, tm, ranked, params)
+            per_transform[t]["best"] = self._search(t, tm, units, params)
         # choose: fewest kept layers meeting the target, then the lowest loss, then the cheaper transform
         def key(t: str) -> tuple[int, int, float, int]:
             b: Probe = per_transform[t]["best"]
@@ -297,28 +303,50 @@ class Planner:
                         **{f"planned_{k}": v for k, v in final_metrics.items() if k != "eval_tokens"}}
         return plan
 
-    def _search(self, t: str, tm: nn.Module, ranked: list[str], params: dict[str, int]) -> Probe:
-        """Per transform: fewest ranked layers kept that meet the loss target, or the best set within bits."""
+    def _units(self, names: list[str]) -> list[list[str]]:
+        """What is kept or quantized together: single layers, or (``fused``) whole fused groups."""
+        if not self.fused:
+            return [[n] for n in names]
+        from outlierkit.llm.export_ct import fused_groups
+
+        groups = fused_groups(names)
+        member = {n: key for key, ns in groups.items() for n in ns}
+        units: list[list[str]] = []
+        seen: set[str] = set()
+        for n in names:
+            if n in member:
+                if member[n] not in seen:
+                    seen.add(member[n])
+                    units.append(groups[member[n]])
+            else:
+                units.append([n])
+        return units
+
+    def _search(self, t: str, tm: nn.Module, units: list[list[str]], params: dict[str, int]) -> Probe:
+        """Per transform: fewest ranked units kept that meet the loss target, or the best set within bits."""
+        def flat(us: list[list[str]]) -> list[str]:
+            return [n for u in us for n in u]
+
         if self.target.bits is not None:
             kept: list[str] = []
-            for n in ranked:  # greedy in rank order: take a layer if it still fits in the budget
-                if _bits(self.fmt_bits, params, [*kept, n]) <= self.target.bits + 1e-9:
-                    kept.append(n)
+            for u in units:  # greedy in rank order: take a unit if it still fits in the budget
+                if _bits(self.fmt_bits, params, [*kept, *u]) <= self.target.bits + 1e-9:
+                    kept.extend(u)
             return self._evaluate(tm, t, kept, params)
         p0 = self._evaluate(tm, t, [], params)
         if self.meets(p0.loss):
             return p0
-        lo, hi = 0, len(ranked)  # lo fails, hi meets (everything float = the float model)
+        lo, hi = 0, len(units)  # lo fails, hi meets (everything float = the float model)
         best: Probe | None = None
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            p = self._evaluate(tm, t, ranked[:mid], params)
+            p = self._evaluate(tm, t, flat(units[:mid]), params)
             if self.meets(p.loss):
                 hi, best = mid, p
             else:
                 lo = mid
         if best is None:
-            best = self._evaluate(tm, t, ranked[:hi], params)
+            best = self._evaluate(tm, t, flat(units[:hi]), params)
         return best
 
     def _uniform(self, tm: nn.Module, t: str, names: list[str], sqnr: dict[str, float],

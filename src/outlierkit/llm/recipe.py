@@ -62,6 +62,8 @@ class Recipe:
             transforms must come before ``rtn``.
         overrides: per-layer: FQN or ``re:`` regex -> ``skip`` or ``{weight: ..., act: ...}``.
         calib: calibration data (:class:`CalibConfig`).
+        target: who loads the result, ``transformers`` / ``vllm`` / ``outlierkit`` (default None: the
+            ``quantize --target`` default, transformers); ``--target`` on the command line wins.
 
     YAML::
 
@@ -83,6 +85,7 @@ class Recipe:
     steps: list[Step] = field(default_factory=lambda: [Step("rtn")])
     overrides: list[Override] = field(default_factory=list)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    target: str | None = None
 
     def __post_init__(self) -> None:
         names = [s.method for s in self.steps]
@@ -97,7 +100,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
-        valid = {"name", "weight", "act", "qkv_out", "steps", "overrides", "calib"}
+        valid = {"name", "weight", "act", "qkv_out", "steps", "overrides", "calib", "target"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
@@ -128,6 +131,10 @@ class Recipe:
         for pattern, spec in (data.get("overrides") or {}).items():
             ovs.append(_override(str(pattern), spec, f"{where}.overrides[{pattern!r}]"))
         kw["overrides"] = ovs
+        if data.get("target") is not None:
+            from outlierkit.llm.export import check_target
+
+            kw["target"] = check_target(str(data["target"]))
         if "calib" in data:
             kw["calib"] = from_dict(CalibConfig, data["calib"] or {}, where=f"{where}.calib")
         return cls(**kw)
@@ -155,7 +162,7 @@ class Recipe:
         return {"name": self.name, "weight": format_to_dict(self.weight), "act": format_to_dict(self.act),
                 "qkv_out": format_to_dict(self.qkv_out),
                 "steps": [{s.method: dict(s.params)} for s in self.steps], "overrides": ovs,
-                "calib": to_dict(self.calib)}
+                "calib": to_dict(self.calib), **({"target": self.target} if self.target else {})}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -261,16 +268,46 @@ def layer_sqnr(model: nn.Module, batches: list[Batch]) -> dict[str, dict[str, fl
         set_recording_(model, False)
 
 
+def for_target(recipe: Recipe, target: str) -> Recipe:
+    """The recipe with its symmetric INT formats on the grid the target computes with: ``transformers``
+    -> compressed-tensors' (absmax / 127.5), so that ``from_pretrained`` of the export reproduces the
+    quantized model bit for bit; ``vllm`` / ``outlierkit`` -> vLLM's kernel rule (absmax / 127)."""
+    import dataclasses
+
+    from outlierkit.llm.export import check_target
+    from outlierkit.llm.formats import Grid, IntFormat
+
+    grid: Grid = "ct" if check_target(target) == "transformers" else "vllm"
+
+    def g(f: Format | None) -> Format | None:
+        return dataclasses.replace(f, grid=grid) if isinstance(f, IntFormat) else f
+
+    out = copy.deepcopy(recipe)
+    out.weight, out.act, out.qkv_out = g(recipe.weight), g(recipe.act), g(recipe.qkv_out)
+    out.overrides = [dataclasses.replace(o, weight=g(o.weight), act=g(o.act)) for o in recipe.overrides]
+    if target == "vllm":  # spike layers bring their fused siblings (q/k/v, gate/up share one scheme in vLLM)
+        for s in out.steps:
+            if s.method == "spike_mp":
+                s.params = {**s.params, "fused": True}
+    return out
+
+
 def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: TokenCorpus | list[Batch], *,
-              eval_batches: list[Batch] | None = None, baseline: bool = True) -> Report:
+              eval_batches: list[Batch] | None = None, baseline: bool = True, target: str | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place (transforms, then fake-quantized wrappers); return a Report.
 
     Args:
         calib: calibration corpus or batches.
         eval_batches: batches for the SQNR measurements (default: the calibration batches).
         baseline: also measure plain RTN with the same formats before the transforms ("before").
+        target: ``transformers``, ``vllm`` or ``outlierkit``: put the formats on that target's grid
+            (:func:`for_target`); default None keeps the recipe's formats as written.
+
+    Afterwards ``model.save_pretrained(dir)`` writes what ``outlierkit quantize`` writes (never wrapper keys).
     """
     recipe = load_recipe(recipe)
+    if target is not None:
+        recipe = for_target(recipe, target)
     methods = recipe.methods()
     batches = calib_batches(calib, recipe)
     ev = eval_batches or batches
@@ -314,6 +351,13 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: To
     report.add_table("formats", [r.row() for r in records if r.method == "rtn"])
     for note in ctx.notes:
         report.warn(note)
+    if any(not bool(torch.isfinite(q).all()) for q in quant_out) and all(bool(torch.isfinite(f).all())
+                                                                          for f in float_out):
+        report.warn("the quantized model produces NaN/Inf where the float model does not (a NaN or Inf in a "
+                    "weight or activation granule makes the whole granule non-finite); output_sqnr_db is not usable")
+    from outlierkit.llm.export import guard_save_pretrained
+
+    guard_save_pretrained(model)
     return report
 
 

@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=16, help="perplexity windows (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--export-ct", action="store_true",
-                        help="also write the planned model in the compressed-tensors format (DIR/model)")
+                        help="also write the planned model (DIR/model): compressed-tensors, or outlierkit's format "
+                             "for what it cannot express (per --target)")
+    parser.add_argument("--target", default="transformers", choices=("transformers", "vllm", "outlierkit"),
+                        help="who loads the result (default transformers); vllm: formats vLLM serves only, and "
+                             "q/k/v and gate/up decided together (one fused layer in vLLM)")
     parser.add_argument("--out", default="runs/plan", help="output directory (default: runs/plan)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
@@ -50,6 +54,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--calib-samples/--batch-size/--max-windows must be >= 1, --samples/--seq-len >= 2")
     target = PlanTarget(max_loss=args.max_loss, bits=args.bits)
     weight, act = parse_format(args.weight, "--weight"), parse_format(args.act, "--act")
+    from outlierkit.llm.recipe import Recipe, for_target
+
+    probe = for_target(Recipe(weight=weight, act=act), args.target)
+    weight, act = probe.weight, probe.act  # on the target's grid
+    if args.target == "vllm":
+        from outlierkit.llm.export_ct import recipe_vllm_problems
+
+        problems = recipe_vllm_problems(probe)
+        if problems:
+            raise ConfigError("--weight/--act cannot be served by vLLM: " + "; ".join(problems)
+                              + " (e.g. --act int8-token or --act int8-tensor-static)")
     check_output(args.out, force=args.force)
     seed_everything(args.seed)
     lm = load_model(args.model)
@@ -63,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     cc = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     planner = Planner(lm.model, lm.tokenizer, calib.batches(args.batch_size), ev, weight=weight, act=act,
                       target=target, transforms=args.transforms, metric=args.metric, calib_config=cc,
-                      name=f"plan-{lm.name}", profile=args.profile)
+                      name=f"plan-{lm.name}", profile=args.profile, fused=args.target == "vllm")
     log(f"{lm.name}: planning for {target.label()} ({planner.metric}) over {', '.join(args.transforms)}")
     plan = planner.run()
     report = plan_report(plan, target, {k: v for k, v in vars(args).items() if k != "func"})
@@ -73,16 +88,18 @@ def run(args: argparse.Namespace) -> int:
         if args.export_ct:
             import copy
 
-            from outlierkit.llm.export_ct import export_compressed_tensors
+            from outlierkit.llm.export import save_quantized
             from outlierkit.llm.recipe import quantize_
 
             check = copy.deepcopy(plan.recipe)
             check.calib = CalibConfig(min_tokens=1)  # the data the plan was verified on
             quantize_(lm.model, check, calib.batches(args.batch_size), baseline=False)
-            summary = export_compressed_tensors(lm.model, lm.tokenizer, stage / "model",
-                                                recipe_yaml=plan.recipe.to_yaml())
+            fmt = save_quantized(lm.model, lm.tokenizer, stage / "model", recipe_yaml=plan.recipe.to_yaml(),
+                                 target=args.target)
             report.artifacts["model"] = "model/"
-            report.metrics["export_weights_bytes"] = float(summary["weights_bytes"])
+            report.config["saved_format"] = fmt
+            report.metrics["export_weights_bytes"] = float(sum(f.stat().st_size
+                                                               for f in (stage / "model").glob("*.safetensors")))
         report.save(stage)
     _print(plan, target, args.out)
     return 0 if plan.meets_target else 1

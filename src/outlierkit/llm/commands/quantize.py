@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe YAML/JSON or a preset: fp32, w8a8-rtn, w8a8-smoothquant, w8a8-osplus")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--target", default=None, choices=("transformers", "vllm", "outlierkit"),
+                        help="who loads the result (default: the recipe's target, else transformers): transformers "
+                             "(compressed-tensors, simulated on its "
+                             "grid; outlierkit's format for what it cannot express), vllm (compressed-tensors that "
+                             "vLLM serves, refused otherwise) or outlierkit (its own format)")
     add_calib_arguments(parser)
 
 
@@ -45,14 +50,22 @@ def recipe_with_calib(args: argparse.Namespace, recipe: object) -> object:
 def run(args: argparse.Namespace) -> int:
     from outlierkit._utils import log, seed_everything
     from outlierkit._utils.io import check_output, staged_output
+    from outlierkit.errors import ConfigError
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.export import save_quantized
+    from outlierkit.llm.export_ct import recipe_vllm_problems
     from outlierkit.llm.models import load_model
-    from outlierkit.llm.recipe import Recipe, load_recipe, quantize_
+    from outlierkit.llm.recipe import Recipe, for_target, load_recipe, quantize_
 
     check_output(args.out, force=args.force)
     recipe = recipe_with_calib(args, load_recipe(args.recipe))
     assert isinstance(recipe, Recipe)
+    args.target = args.target or recipe.target or "transformers"
+    recipe = for_target(recipe, args.target)
+    if args.target == "vllm":  # refuse before any work what the recipe's formats alone rule out
+        problems = recipe_vllm_problems(recipe)
+        if problems:
+            raise ConfigError(f"recipe {recipe.name} cannot be served by vLLM: " + "; ".join(problems))
     seed_everything(recipe.calib.seed)
     docs = load_documents(args.data)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -62,17 +75,23 @@ def run(args: argparse.Namespace) -> int:
         f"{len(corpus)} calibration samples, {corpus.n_tokens} tokens")
     report = quantize_(lm.model, recipe, corpus)
     report.config.update({"model": args.model, "data": args.data, "dtype": args.dtype})
+    report.config["target"] = args.target
     with staged_output(args.out, force=args.force) as stage:
-        save_quantized(lm.model, lm.tokenizer, stage, recipe_yaml=recipe.to_yaml())
-        report.artifacts.update({"model": "model.safetensors", "recipe": "recipe.yaml",
-                                 "quant_state": "outlierkit_quant.json"})
+        fmt = save_quantized(lm.model, lm.tokenizer, stage, recipe_yaml=recipe.to_yaml(), target=args.target)
+        report.metrics["export_compressed_tensors"] = float(fmt == "compressed-tensors")
+        report.artifacts.update({"model": "model.safetensors", "recipe": "recipe.yaml"})
+        report.config["saved_format"] = fmt
+        if fmt != "compressed-tensors":
+            report.artifacts["quant_state"] = "outlierkit_quant.json"
+            report.warn("saved in outlierkit's format (compressed-tensors cannot express this recipe): load it with "
+                        "`outlierkit eval --quantized` or outlierkit.llm.export.load_quantized, not plain transformers")
         report.save(stage)
     m = report.metrics
     rtn = m.get("output_sqnr_db_rtn")
     print(f"{lm.name} -> {args.out}: output SQNR {m['output_sqnr_db']:.2f} dB"
           + (f" (plain RTN with the same formats: {rtn:.2f} dB)" if rtn is not None else "")
           + f", {m['layers_quantized']} layers quantized, "
-          f"min layer SQNR {m.get('layer_sqnr_db_min', float('nan')):.2f} dB")
+          f"min layer SQNR {m.get('layer_sqnr_db_min', float('nan')):.2f} dB; saved as {fmt} (target {args.target})")
     for w in report.warnings:
         print(f"note: {w}")
     return 0

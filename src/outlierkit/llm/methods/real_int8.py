@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from outlierkit.llm.formats import Format, IntFormat
 from outlierkit.llm.int8 import Int8Linear, int_mm_available
@@ -29,6 +31,8 @@ def real_int8_reason(q: QuantLinear) -> str:
         return f"weight {w.label() if w else 'float'} is not int8 symmetric per-channel min-max"
     if not ok(a, ("token",)):
         return f"activation {a.label() if a else 'float'} is not int8 symmetric dynamic per-token"
+    if isinstance(w, IntFormat) and isinstance(a, IntFormat) and w.grid != a.grid:
+        return f"weight grid {w.grid} differs from activation grid {a.grid}"
     return ""
 
 
@@ -60,6 +64,7 @@ class RealInt8(QuantMethod):
             ctx.notes.append(f"real_int8: torch._int_mm is unavailable on {device.type}; integer products run "
                              "through an exact fallback matmul (same results, slower)")
         wrapped = list(quant_layers(model))
+        converted: list[Int8Linear] = []
         if not wrapped:
             ctx.notes.append("real_int8: no fake-quantized layer to convert; put real_int8 after rtn/spike_mp")
         for name, q in wrapped:
@@ -71,19 +76,61 @@ class RealInt8(QuantMethod):
                 fallback.append(f"{fqn} ({why})")
                 records.append(LayerRecord(fqn, "real_int8", {"execution": "fake", "reason": why}))
                 continue
-            lin = Int8Linear.from_float(q.inner, real=self.real, name=fqn)
+            assert isinstance(q.act_format, IntFormat)
+            lin = Int8Linear.from_float(q.inner, real=self.real, name=fqn, grid=q.act_format.grid)
             set_module(model, name, lin)
+            converted.append(lin)
             records.append(LayerRecord(fqn, "real_int8", {
                 "execution": "int8" if self.real else "int8-math-in-float",
                 "weight_bytes": lin.weight_int8.numel() + 4 * lin.weight_scale.numel()}))
         if fallback:
             ctx.notes.append(f"real_int8: {len(fallback)} layer(s) stay fake-quantized (no real INT8 kernel for "
                              f"their formats): " + "; ".join(fallback[:8]) + (" ..." if len(fallback) > 8 else ""))
+        if self.real and converted:
+            probe = int8_speed_probe(max(converted, key=lambda q8: q8.in_features * q8.out_features))
+            for r in records:
+                if r.layer == probe["layer"]:
+                    r.info.update({k: v for k, v in probe.items() if k != "layer"})
+            slower = [k for k in ("float_ms", "bf16_ms") if probe[k] < probe["int8_ms"]]
+            if slower:
+                ctx.notes.append(
+                    f"real_int8: on this machine Int8Linear is slower than the float linear: {probe['int8_ms']:.3g} ms "
+                    f"vs {probe['float_ms']:.3g} ms ({probe['float_dtype']}) and {probe['bf16_ms']:.3g} ms (bf16) for "
+                    f"{probe['tokens']} tokens at {probe['layer']} (measured now; CPUs without VNNI/AMX int8 "
+                    "instructions run torch._int_mm slowly). Real INT8 saves memory here, not time")
         n_real = sum(1 for r in records if r.info.get("execution") != "fake")
         if n_real:
             ctx.notes.append(f"real_int8: {n_real} layer(s) run as Int8Linear; the layer_sqnr table lists only the "
                              "layers still fake-quantized (output_sqnr_db covers the whole model)")
         return records
+
+
+@torch.no_grad()
+def int8_speed_probe(q: Int8Linear, tokens: int = 16, reps: int = 3) -> dict[str, Any]:
+    """Time ``q`` against the float linear of the same weight (model dtype and bf16) on ``tokens`` random rows:
+    median of ``reps`` interleaved runs, in ms. So that ``real_int8`` can say when INT8 is slower here."""
+    import statistics
+    import time
+
+    w = q.dequantized_weight()
+    dev = w.device
+    x = torch.randn(tokens, q.in_features, device=dev)
+    x16, w16 = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    fns = {"float_ms": lambda: F.linear(x, w), "bf16_ms": lambda: F.linear(x16, w16), "int8_ms": lambda: q(x)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {"layer": q.name, "tokens": tokens, "float_dtype": str(w.dtype).split(".")[-1],
+            **{k: statistics.median(v) for k, v in times.items()}}
 
 
 def model_weight_bytes(model: nn.Module) -> int:

@@ -136,6 +136,8 @@ class SpikeMP(QuantMethod):
         profile: path of a saved activation profile to select from (default None: profile the calibration
             batches now, after any earlier transform).
         quantize: run ``rtn`` on the rest within this step (default True).
+        fused: select whole fused groups (q/k/v, gate/up): a selected shard brings its siblings, since vLLM
+            loads each group as one layer with one scheme (default False; ``--target vllm`` sets it).
     """
 
     select: Select = "ratio"
@@ -146,6 +148,7 @@ class SpikeMP(QuantMethod):
     seed: int = 0
     profile: str | None = None
     quantize: bool = True
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.select not in ("ratio", "absmax", "topk", "list", "random"):
@@ -222,6 +225,15 @@ class SpikeMP(QuantMethod):
             raise ConfigError("spike_mp must come before rtn in the recipe (it decides which layers rtn quantizes)")
         spikes = linear_input_spikes(model, mm, ctx.batches, profile=self.profile)
         sel, reasons, notes = self.choose(spikes)
+        if self.fused:
+            from outlierkit.llm.export_ct import fused_groups
+
+            for shards in fused_groups(list(spikes)).values():
+                hit = [n for n in shards if n in sel]
+                for n in shards:
+                    if hit and n not in sel:
+                        sel.append(n)
+                        reasons[n] = f"fused with {', '.join(hit)} (one layer in vLLM)"
         ctx.notes.extend(notes)
         fmt = KEEP_FORMATS[self.keep]
         keep_label = fmt.label() if fmt is not None else "float (model dtype)"
