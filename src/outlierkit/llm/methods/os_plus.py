@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -42,6 +43,12 @@ def fake_quant_k(x: torch.Tensor, fmt: Format | None) -> torch.Tensor:
             FP8Format(fmt.fp8, "token", fmt.scaled)
         return fake_quant(flat, per_row).reshape(x.shape)
     return fake_quant(x, fmt)
+
+
+def _float_copy(norm: nn.Module) -> nn.Module:
+    """An fp32 copy of a q/k norm: the loss runs in fp32 whatever the model's dtype (fp64, bf16) or device,
+    and the model's own module must not be moved or cast."""
+    return copy.deepcopy(norm).float()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +302,8 @@ class OSPlus(QuantMethod):
                 per_head = qn is not None and qn.weight.numel() == d
                 attn = dict(heads=h, kv_heads=kv, head_dim=d, causal=mm.spec.causal,
                             scaling=float(getattr(am, "scaling", d**-0.5)),
-                            q_norm=qn if per_head else None, k_norm=kn if per_head else None,
+                            q_norm=_float_copy(qn) if per_head else None,
+                            k_norm=_float_copy(kn) if per_head else None,
                             pe=[c_.get("position_embeddings") for c_ in st.context])
         elif g.spec.role == "mlp_in" and (len(mods) == 2 or "gate_up_proj" in names):
             mlp = get_attr(model, mm.fqn(g.layer, "mlp"))
@@ -303,6 +311,9 @@ class OSPlus(QuantMethod):
             if act_fn is not None and (len(mods) == 1 or names[0].startswith("gate")):
                 role, attn = "swiglu", {"act_fn": act_fn}
         dev = torch.device(self.device) if self.device else next(model.parameters()).device
+        for key in ("q_norm", "k_norm"):
+            if attn.get(key) is not None:
+                attn[key] = attn[key].to(dev)
         weights = [w.to(dev) for w in weights]
         biases = [b.to(dev) if b is not None else None for b in biases]
         c, z_cols = c.to(dev), z_cols.to(dev)
