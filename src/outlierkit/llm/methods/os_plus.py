@@ -45,7 +45,7 @@ def fake_quant_k(x: torch.Tensor, fmt: Format | None) -> torch.Tensor:
     return fake_quant(x, fmt)
 
 
-def _float_copy(norm: nn.Module) -> nn.Module:
+def _float_copy(norm: Any) -> nn.Module:
     """An fp32 copy of a q/k norm: the loss runs in fp32 whatever the model's dtype (fp64, bf16) or device,
     and the model's own module must not be moved or cast."""
     return copy.deepcopy(norm).float()
