@@ -381,7 +381,10 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: Ca
         unwrap_(model)
     records: list[LayerRecord] = []
     timings: dict[str, float] = {}
-    for step, method in zip(recipe.steps, methods, strict=True):
+    from outlierkit._utils import log
+
+    for i, (step, method) in enumerate(zip(recipe.steps, methods, strict=True), 1):
+        log(f"quantize: step {i}/{len(methods)} {step.method}")
         t0 = time.perf_counter()
         records += method.apply(model, ctx)
         timings[f"time_{step.method}_s"] = time.perf_counter() - t0

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from outlierkit._utils import progress
 from outlierkit.errors import ConfigError
 from outlierkit.llm.calibrate import ChannelStats, collect_input_stats
 from outlierkit.llm.formats import Format, FP8Format, IntFormat, fake_quant, parse_format
@@ -256,7 +257,7 @@ class OSPlus(QuantMethod):
                       if g.spec.role == "qkv" and has_attr(model, mm.fqn(g.layer, mm.spec.attn))}
         stats = collect_input_stats(model, sites, ctx.batches, cache=set(sites), cache_batches=n_batches,
                                     context_sites=attn_sites)
-        for g in groups:
+        for g in progress(groups, description="os_plus: scale search, fold group"):
             records.append(self._fold_group(model, mm, g, stats[g.linears[0]], wfmt, afmt))
         return records
 
