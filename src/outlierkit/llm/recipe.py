@@ -353,13 +353,15 @@ def layer_sqnr(model: nn.Module, batches: list[Batch]) -> dict[str, dict[str, fl
 
 
 def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: CalibData, *,
-              eval_batches: list[Batch] | None = None, baseline: bool = True, tokenizer: Any = None) -> Report:
+              eval_batches: list[Batch] | None = None, baseline: bool = True, tokenizer: Any = None,
+              sequential: bool = False) -> Report:
     """Apply ``recipe`` to ``model`` in place (transforms, then fake-quantized wrappers); return a Report.
 
     Args:
         calib: text (a string, a list of strings, a ``datasets.Dataset``), a TokenCorpus or prepared
             batches (see :func:`calib_batches`).
         tokenizer: tokenizes text calibration data (default: the one saved next to the model).
+        sequential: calibrate the transforms one decoder layer at a time (``outlierkit.llm.sequential``).
         eval_batches: batches for the SQNR measurements (default: the calibration batches).
         baseline: also measure plain RTN with the same formats before the transforms ("before").
     """
@@ -367,7 +369,8 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: Ca
     methods = recipe.methods()
     batches = calib_batches(calib, recipe, tokenizer=tokenizer, model=model)
     ev = eval_batches or batches
-    ctx = QuantContext(batches, recipe.weight, recipe.act, recipe.qkv_out, list(recipe.overrides))
+    ctx = QuantContext(batches, recipe.weight, recipe.act, recipe.qkv_out, list(recipe.overrides),
+                       sequential=sequential)
     ctx.model_map(model)
     report = Report(kind="llm.quantize", config={"recipe": recipe.to_dict()})
     float_out = model_outputs(model, ev)
