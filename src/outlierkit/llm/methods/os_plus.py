@@ -322,14 +322,16 @@ HALVING_STAGES: tuple[tuple[float, float, float], ...] = ((1 / 8, 1 / 8, 0.1), (
 
 
 def search_halving(p: Problem, ts: torch.Tensor, chunk: int = 1, *, seed: int = 0, min_keep: int = 8,
-                   stages: tuple[tuple[float, float, float], ...] = HALVING_STAGES) -> tuple[int, torch.Tensor]:
+                   stages: tuple[tuple[float, float, float], ...] = HALVING_STAGES,
+                   descents: int = 3) -> tuple[int, torch.Tensor]:
     """Index of the best candidate by successive halving with exact verification.
 
     Every candidate is scored on a cheap proxy (``p.subsample``: 1/8 of the tokens x 1/8 of the output
     rows, with the full problem's quantizer ranges), the best 10% go on to a 1/2 x 1/2 proxy, the best 20%
     of those (at least ``min_keep``) are scored with the exact loss, and a local descent on the exact loss
-    over grid neighbours verifies the winner (it moves while a neighbour is better). Proxies that would
-    not be much smaller than the problem are skipped, so small problems get the full grid.
+    over grid neighbours (+-2) from each of the ``descents`` best verifies the winner (it moves while a
+    neighbour is better). Proxies that would not be much smaller than the problem (or hold fewer than 128
+    tokens / 64 output rows) are skipped, so small problems get the full grid.
 
     Returns the index and the exact losses of the candidates scored exactly (NaN elsewhere).
     """
@@ -348,17 +350,20 @@ def search_halving(p: Problem, ts: torch.Tensor, chunk: int = 1, *, seed: int = 
         idx = idx[proxy.argsort()[: max(min_keep, math.ceil(len(idx) * keep))]]
     exact = torch.full((n,), math.nan, dtype=torch.float64)
     exact[idx] = run(p, idx).double()
-    best = int(idx[int(exact[idx].argmin())])
-    while True:  # verification: walk downhill on the exact loss while a grid neighbour is better
-        nbrs = torch.tensor([j for j in (best - 2, best - 1, best + 1, best + 2)
-                             if 0 <= j < n and math.isnan(float(exact[j]))], dtype=torch.long)
-        if len(nbrs):
-            exact[nbrs] = run(p, nbrs).double()
-        near = [j for j in range(max(0, best - 2), min(n, best + 3)) if not math.isnan(float(exact[j]))]
-        nxt = min(near, key=lambda j: float(exact[j]))
-        if nxt == best:
-            return best, exact
-        best = nxt
+    starts = idx[exact[idx].argsort()[:descents]].tolist()
+    for best in starts:  # verification: from each of the best few, walk downhill while a neighbour is better
+        while True:
+            nbrs = torch.tensor([j for j in (best - 2, best - 1, best + 1, best + 2)
+                                 if 0 <= j < n and math.isnan(float(exact[j]))], dtype=torch.long)
+            if len(nbrs):
+                exact[nbrs] = run(p, nbrs).double()
+            near = [j for j in range(max(0, best - 2), min(n, best + 3)) if not math.isnan(float(exact[j]))]
+            nxt = min(near, key=lambda j: float(exact[j]))
+            if nxt == best:
+                break
+            best = nxt
+    scored = (~exact.isnan()).nonzero().flatten()
+    return int(scored[int(exact[scored].argmin())]), exact
 
 
 def search_loop(p: Problem, ts: torch.Tensor) -> tuple[int, torch.Tensor]:
