@@ -95,3 +95,14 @@ def test_eval_and_compare_report_the_same_numbers_for_the_same_recipe(tiny_llama
     for key in ("top1_agree", "top1_agree_lo", "top1_agree_hi", "ppl", "ppl_lo", "ppl_hi"):
         assert math.isclose(e[key], c[key], rel_tol=1e-6), (key, e[key], c[key])
     assert c["top1_agree_lo"] <= c["top1_agree"] <= c["top1_agree_hi"]
+
+
+def test_quantize_and_os_plus_search_report_progress(corpus, capsys, monkeypatch):
+    """Regression: an OS+ quantize ran for 81 s without a line of output."""
+    monkeypatch.setenv("OUTLIERKIT_QUIET", "0")
+    recipe = {"weight": "int8-channel", "act": "int8-tensor", "steps": [{"os_plus": {"max_candidates": 20}}, "rtn"],
+              "calib": {"min_tokens": 16}}
+    quantize_(tiny_model("llama"), recipe, corpus.batches(5)[:1], baseline=False)
+    err = capsys.readouterr().err
+    assert "quantize: step 1/2 os_plus" in err and "quantize: step 2/2 rtn" in err
+    assert "os_plus: scale search, fold group 8/8" in err

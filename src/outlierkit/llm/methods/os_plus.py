@@ -156,6 +156,7 @@ class Problem:
         out = torch.matmul(scores.softmax(dim=-1), v)  # (K, B, H, T, D)
         return out.permute(0, 1, 3, 2, 4).reshape(k_, bsz, t, h * d)
 
+    @torch.no_grad()
     def losses(self, ts: torch.Tensor) -> torch.Tensor:
         """Loss of each candidate clip threshold in ``ts`` (K,): mean over tokens of sum_out err^2."""
         ts = ts.to(self.c.device)
