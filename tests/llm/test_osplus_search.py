@@ -64,8 +64,9 @@ def test_explicit_range_quantizer_equals_dynamic(fmt):
     assert torch.equal(_quant_k(xs, f, lo, hi), want)
 
 
-def test_proxy_without_subsampling_is_exact(batches):
-    """A 'subsample' that keeps everything scores exactly as the full problem (weights 1, full ranges)."""
+def test_proxies_are_skipped_when_small_and_estimate_the_loss(batches):
+    """No proxy when it would keep (nearly) everything; a 3/4 proxy estimates the full loss (importance
+    weights, full quantizer ranges)."""
     for p in _problems("llama", batches):
         ts = candidates(p.c, 1.0, 40)[:5]
         q = p.subsample(1.0, 1.0, min_tokens=0, min_rows=0)
