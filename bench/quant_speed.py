@@ -8,7 +8,9 @@
    Both are computed in one run (the grid = every candidate with the exact loss, the reference).
 2. Speed at LLaMA-7B shapes (hidden 4096, intermediate 11008, 2048 tokens, 400 candidates, SwiGLU gate/up
    loss and a down_proj linear loss): halving is timed in full; the full loop's time is the measured time
-   of ``--loop-sample`` candidates x 400 (one candidate costs the same whichever t it is). One thread.
+   of ``--loop-sample`` candidates x 400 (one candidate costs the same whichever t it is). One thread;
+   times are this process's CPU time (``time.process_time``), so that other work on a shared machine does
+   not bias the ratio.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def hit_rate(families: list[str], seeds: list[int], tokens: int, seq_len: int) -
     print(f"| **all** | {total} | {hits} ({hits / max(total, 1):.1%}) | {exact_hits} | | |")
 
 
-def big(hidden: int, inter: int, tokens: int, loop_sample: int, n_cand: int) -> None:
+def big(hidden: int, inter: int, tokens: int, loop_sample: int, n_cand: int, roles: list[str]) -> None:
     from outlierkit.llm.formats import parse_format
     from outlierkit.llm.methods.os_plus import Problem, candidates, search_halving
 
@@ -88,10 +90,10 @@ def big(hidden: int, inter: int, tokens: int, loop_sample: int, n_cand: int) -> 
     mask = torch.ones(1, tokens, dtype=torch.long)
     print(f"\n### OS+ search speed at LLaMA-7B shapes (hidden {hidden}, intermediate {inter}, {tokens} tokens, "
           f"{n_cand} candidates), 1 CPU thread\n")
-    print("| loss | full loop s (measured per candidate x candidates) | halving s | speed-up | "
+    print("| loss | full loop CPU s (measured per candidate x candidates) | halving CPU s | speed-up | "
           "exact evals | halving loss / best loss seen by the loop sample |")
     print("|---|---|---|---|---|---|")
-    for role in ("swiglu", "linear"):
+    for role in roles:
         if role == "swiglu":
             weights = [torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02]
             attn = {"act_fn": torch.nn.SiLU()}
@@ -108,12 +110,12 @@ def big(hidden: int, inter: int, tokens: int, loop_sample: int, n_cand: int) -> 
         ts = candidates(c, 1.0, n_cand)
         ts = ts[:n_cand]
         sample = torch.linspace(0, len(ts) - 1, loop_sample).round().long()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         l_sample = torch.stack([p.losses(ts[i:i + 1])[0] for i in sample])
-        per = (time.perf_counter() - t0) / loop_sample
-        t0 = time.perf_counter()
+        per = (time.process_time() - t0) / loop_sample
+        t0 = time.process_time()
         i_h, l_h = search_halving(p, ts, 1)
-        t_h = time.perf_counter() - t0
+        t_h = time.process_time() - t0
         n_exact = int((~l_h.isnan()).sum())
         ratio = float(l_h[i_h]) / float(l_sample.min())
         print(f"| {role} | {per * len(ts):.1f} ({per:.2f} x {len(ts)}) | {t_h:.1f} | {per * len(ts) / t_h:.1f}x | "
@@ -131,6 +133,7 @@ def main() -> None:
     ap.add_argument("--big-tokens", type=int, default=2048)
     ap.add_argument("--candidates", type=int, default=400)
     ap.add_argument("--loop-sample", type=int, default=3, help="candidates timed for the full loop")
+    ap.add_argument("--roles", nargs="+", default=["swiglu", "linear"], choices=["swiglu", "linear"])
     ap.add_argument("--skip-hits", action="store_true")
     ap.add_argument("--skip-big", action="store_true")
     args = ap.parse_args()
@@ -138,7 +141,7 @@ def main() -> None:
     if not args.skip_hits:
         hit_rate(args.families, args.seeds, args.tokens, args.seq_len)
     if not args.skip_big:
-        big(args.hidden, args.intermediate, args.big_tokens, args.loop_sample, args.candidates)
+        big(args.hidden, args.intermediate, args.big_tokens, args.loop_sample, args.candidates, args.roles)
 
 
 if __name__ == "__main__":
