@@ -60,3 +60,49 @@ def test_save_reload_with_transformers_and_quant_state(tmp_path, corpus, tok):
     lm = load_quantized(tmp_path / "q")
     for a, b in zip(model_outputs(lm.model, batches), quant_ref, strict=True):
         assert torch.equal(a, b)
+
+
+def test_wilson_and_bootstrap_intervals():
+    from outlierkit.llm.evaluate import bootstrap_ratio, wilson
+
+    lo, hi = wilson(7, 8)  # textbook value: 0.529 .. 0.978
+    assert abs(lo - 0.5291) < 1e-3 and abs(hi - 0.9776) < 1e-3
+    assert wilson(8, 8)[1] == 1.0 and wilson(8, 8)[0] < 1.0  # never a zero-width interval at a boundary
+    num = torch.tensor([3.0, 5.0, 4.0, 6.0, 2.0, 5.0])
+    den = torch.full((6,), 8.0)
+    lo, hi = bootstrap_ratio(num, den)
+    assert lo < float(num.sum() / den.sum()) < hi and 0 <= lo and hi <= 1
+    assert bootstrap_ratio(num, den) == (lo, hi)  # seeded: reproducible
+
+
+def test_eval_and_compare_report_the_same_numbers_for_the_same_recipe(tiny_llama_dir, tmp_path):
+    """Regression: `eval` drew its samples from all documents while `compare` used the held-out half (and
+    `quantize` calibrated on all documents), so one recipe scored 0.781 in one and 0.875 in the other."""
+    import json
+
+    from outlierkit.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("weight: int8-channel\nact: int8-tensor\nsteps:\n  - smoothquant: {alpha: 0.8}\n  - rtn: {}\n"
+                      "calib: {samples: 8, seq_len: 32, batch_size: 4, min_tokens: 64}\n")
+    q, ev, cmp = tmp_path / "q", tmp_path / "ev", tmp_path / "cmp"
+    assert main(["quantize", str(tiny_llama_dir), "--recipe", str(recipe), "--out", str(q)]) == 0
+    common = ["--samples", "6", "--seq-len", "32", "--max-windows", "2"]
+    assert main(["eval", str(tiny_llama_dir), "--quantized", str(q), *common, "--out", str(ev)]) == 0
+    assert main(["compare", str(tiny_llama_dir), "--recipes", str(recipe), *common, "--out", str(cmp)]) == 0
+    e = json.loads((ev / "report.json").read_text())["tables"]["eval"][1]
+    c = json.loads((cmp / "report.json").read_text())["tables"]["compare"][0]
+    for key in ("top1_agree", "top1_agree_lo", "top1_agree_hi", "ppl", "ppl_lo", "ppl_hi"):
+        assert math.isclose(e[key], c[key], rel_tol=1e-6), (key, e[key], c[key])
+    assert c["top1_agree_lo"] <= c["top1_agree"] <= c["top1_agree_hi"]
+
+
+def test_quantize_and_os_plus_search_report_progress(corpus, capsys, monkeypatch):
+    """Regression: an OS+ quantize ran for 81 s without a line of output."""
+    monkeypatch.setenv("OUTLIERKIT_QUIET", "0")
+    recipe = {"weight": "int8-channel", "act": "int8-tensor", "steps": [{"os_plus": {"max_candidates": 20}}, "rtn"],
+              "calib": {"min_tokens": 16}}
+    quantize_(tiny_model("llama"), recipe, corpus.batches(5)[:1], baseline=False)
+    err = capsys.readouterr().err
+    assert "quantize: step 1/2 os_plus" in err and "quantize: step 2/2 rtn" in err
+    assert "os_plus: scale search, fold group 8/8" in err

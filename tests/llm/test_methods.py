@@ -148,3 +148,21 @@ def test_quality_floor_beats_rtn(quality, act, method):
     sq, agree = quality[(act, method)]
     assert sq > sq_rtn + 0.2, quality
     assert agree > agree_rtn, quality
+
+
+@pytest.mark.parametrize("family", ["qwen3", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_os_plus_qk_norm_families_in_any_dtype(family, dtype, batches):
+    """Regression: the q/k-norm path of the OS+ attention loss ran the model's own (fp64) norm on fp32
+    tensors ("expected scalar type Float but found Double"). The loss now runs an fp32 copy of the norms."""
+    model = tiny_model(family).to(dtype)
+    if dtype == torch.float64:  # torch's grouped expert matmul has no fp64 kernel; the eager loop has
+        for mod in model.modules():
+            if hasattr(mod, "config"):
+                mod.config._experts_implementation = "eager"
+    ref = model_outputs(model, batches)
+    recs = METHODS.get("os_plus")(batches=1, max_candidates=50).apply(model, _ctx(batches))
+    assert any(r.info.get("loss") == "attn" for r in recs)  # the q/k-norm path was exercised
+    if dtype == torch.float64:
+        assert _relerr(model_outputs(model, batches), ref) < 1e-10
+    assert model.model.layers[0].self_attn.q_norm.weight.dtype == dtype  # the model's norm is not cast

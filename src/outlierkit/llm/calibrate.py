@@ -49,6 +49,8 @@ def collect_input_stats(
     cache: set[str] | None = None,
     cache_batches: int | None = None,
     context_sites: dict[str, str] | None = None,
+    sequential: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict[str, ChannelStats]:
     """Run ``batches`` through ``model`` and record the input statistics of each module in ``sites``.
 
@@ -58,6 +60,9 @@ def collect_input_stats(
         cache_batches: keep inputs of only the first N batches (default: all).
         context_sites: site -> FQN of an attention module whose forward kwargs (``position_embeddings``)
             are kept next to the cached inputs (OS+'s attention-output loss needs RoPE).
+        sequential: run the model one decoder layer at a time (:mod:`outlierkit.llm.sequential`), on
+            ``device`` (default: the model's), stopping after the last layer that holds a site; the
+            statistics are those of the all-at-once forward.
     """
     if not batches:
         raise DataError("no calibration batches; pass more text with --data or raise --calib-samples")
@@ -100,15 +105,27 @@ def collect_input_stats(
             contexts[name] = {"position_embeddings": tuple(t.detach().float().cpu() for t in pe)} if pe else {}
         return fn
 
-    device = next(model.parameters()).device
     with HookSet() as hooks:
         for name in sites:
             hooks.forward_pre(get_attr(model, name), stat_hook(name))
         for ctx in set(context_sites.values()):
             hooks.forward_pre(get_attr(model, ctx), ctx_hook(ctx), with_kwargs=True)
-        for i, b in enumerate(batches):
-            current["mask"], current["batch"] = b.attention_mask, i
-            model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+        if sequential:
+            from outlierkit.llm.models import resolve
+            from outlierkit.llm.sequential import forward_layer_by_layer, layer_of
+
+            mm = resolve(model, warn=False)
+
+            def before(i: int, b: Batch) -> None:
+                current["mask"], current["batch"] = b.attention_mask, i
+
+            forward_layer_by_layer(model, batches, device=device, before_batch=before, mm=mm,
+                                   last_layer=max(layer_of(mm, s) for s in sites))
+        else:
+            dev = next(model.parameters()).device
+            for i, b in enumerate(batches):
+                current["mask"], current["batch"] = b.attention_mask, i
+                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev))
     missing = [s for s in sites if s not in stats]
     if missing:
         raise DataError(f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}; "

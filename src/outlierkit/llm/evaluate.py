@@ -23,13 +23,48 @@ def perplexity(model: nn.Module, tokenizer: Any, documents: Sequence[Document], 
     cut into non-overlapping windows; each window is scored on its own (first token has no target).
     """
     device = next(model.parameters()).device
-    nll, n = 0.0, 0
+    sums, counts = [], []
     for ids in iter_text_windows(tokenizer, documents, window=window, max_windows=max_windows):
         logits = model(input_ids=ids[None].to(device)).logits.float()  # (1, T, V)
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:].to(device), reduction="sum")
-        nll += float(loss)
-        n += ids.numel() - 1
-    return {"ppl": math.exp(nll / n), "nll": nll / n, "eval_tokens": float(n)}
+        sums.append(float(loss))
+        counts.append(ids.numel() - 1)
+    nll, n = sum(sums), sum(counts)
+    lo, hi = bootstrap_ratio(torch.tensor(sums), torch.tensor(counts, dtype=torch.float64))
+    return {"ppl": math.exp(nll / n), "ppl_lo": math.exp(lo), "ppl_hi": math.exp(hi), "nll": nll / n,
+            "eval_tokens": float(n)}
+
+
+# ----------------------------------------------------------------------------------- confidence intervals
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n (95% by default); well-behaved at small n and at 0 or 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, *, n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(num) / sum(den) resampling whole units (samples, windows).
+
+    Resampling units rather than tokens keeps the interval honest when tokens of one sample are correlated.
+    Shapes: num, den: (N,) per unit.
+    """
+    num, den = num.double().flatten(), den.double().flatten()
+    if num.numel() < 2:
+        v = float(num.sum() / den.sum().clamp(min=1e-300))
+        return v, v
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, num.numel(), (n_boot, num.numel()), generator=g)  # (n_boot, N)
+    ratios = num[idx].sum(1) / den[idx].sum(1).clamp(min=1e-300)
+    a = (1 - level) / 2
+    q = torch.quantile(ratios, torch.tensor([a, 1 - a], dtype=torch.float64))
+    return float(q[0]), float(q[1])
 
 
 @torch.no_grad()
@@ -62,9 +97,11 @@ def fidelity(ref: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
         sim.fill_diagonal_(-math.inf)
         return sim.argmax(-1)
 
-    agree = (nn_index(ref) == nn_index(test)).double().mean() if ref.shape[0] > 1 else torch.tensor(1.0)
-    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1_agree": float(agree),
-            "emb_sqnr_db": sqnr_db(ref, test)}
+    n = ref.shape[0]
+    hits = int((nn_index(ref) == nn_index(test)).sum()) if n > 1 else n
+    lo, hi = wilson(hits, n)  # each sample's nearest neighbour either agrees or not: a proportion of n
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1_agree": hits / max(n, 1),
+            "top1_agree_lo": lo, "top1_agree_hi": hi, "emb_sqnr_db": sqnr_db(ref, test)}
 
 
 @torch.no_grad()
@@ -73,12 +110,15 @@ def token_agreement(model: nn.Module, ref_logits: list[torch.Tensor], batches: l
     from outlierkit.llm.recipe import model_outputs, output_sqnr
 
     test = model_outputs(model, batches)
-    hit = tot = 0
+    hits, counts = [], []  # per sample: tokens of one sample are correlated, so the interval resamples samples
     for r, t, b in zip(ref_logits, test, batches, strict=True):
         m = b.attention_mask.bool()
-        hit += int((r.argmax(-1)[m] == t.argmax(-1)[m]).sum())
-        tot += int(m.sum())
-    return {"top1_agree": hit / max(tot, 1), "logit_sqnr_db": output_sqnr(ref_logits, test, batches)}
+        hits.append(((r.argmax(-1) == t.argmax(-1)) & m).sum(-1))  # (B,)
+        counts.append(m.sum(-1))
+    h, c = torch.cat(hits).double(), torch.cat(counts).double()
+    lo, hi = bootstrap_ratio(h, c)
+    return {"top1_agree": float(h.sum() / c.sum().clamp(min=1)), "top1_agree_lo": lo, "top1_agree_hi": hi,
+            "logit_sqnr_db": output_sqnr(ref_logits, test, batches)}
 
 
 @dataclass
@@ -117,6 +157,40 @@ def evaluate_model(model: nn.Module, tokenizer: Any, data: EvalData) -> dict[str
 DEMO_RECIPES: tuple[str, ...] = ("fp32", "w8a8-rtn", "w8a8-smoothquant", "w8a8-osplus")
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """The one evaluation protocol shared by ``eval``, ``compare``, ``plan`` and ``quantize``, so that the same
+    recipe gives the same numbers whichever command measures it.
+
+    Documents are split once (:func:`split_documents`): even-indexed documents calibrate, odd-indexed ones
+    are held out. Calibration draws ``calib_samples`` samples with ``calib_seed`` (the recipe's
+    ``calib.samples`` / ``calib.seed`` defaults); evaluation draws ``samples`` with ``seed``; both cut at
+    ``seq_len`` tokens, in batches of ``batch_size`` (per-tensor dynamic activation ranges depend on the
+    batch, so it is part of the protocol); perplexity uses ``max_windows`` windows of ``seq_len`` tokens.
+    """
+
+    samples: int = 64
+    seq_len: int = 128
+    batch_size: int = 8
+    max_windows: int = 32
+    seed: int = 1
+    calib_samples: int = 32
+    calib_seed: int = 0
+
+
+PROTOCOL = Protocol()
+
+
+def held_out(documents: Sequence[Document]) -> list[Document]:
+    """The evaluation half of the protocol's split."""
+    return split_documents(documents)[1]
+
+
+def calibration_half(documents: Sequence[Document]) -> list[Document]:
+    """The calibration half of the protocol's split (all documents when there is only one)."""
+    return list(documents) if len(documents) < 2 else split_documents(documents)[0]
+
+
 def split_documents(documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
     """Calibration / held-out split: even-indexed documents calibrate, odd-indexed ones evaluate."""
     docs = list(documents)
@@ -132,32 +206,43 @@ def compare_recipes(
     recipes: Sequence[Any] = DEMO_RECIPES,
     *,
     data: Sequence[str] | None = None,
-    calib_samples: int = 32,
-    eval_samples: int = 64,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    seed: int = 0,
-    max_windows: int | None = 32,
+    calib_samples: int | None = None,
+    eval_samples: int = PROTOCOL.samples,
+    seq_len: int | None = None,
+    batch_size: int = PROTOCOL.batch_size,
+    seed: int = PROTOCOL.seed,
+    calib_seed: int | None = None,
+    max_windows: int | None = PROTOCOL.max_windows,
     model: nn.Module | None = None,
     tokenizer: Any = None,
 ) -> list[dict[str, Any]]:
     """Quantize fresh copies of one model with each recipe and evaluate all on the same held-out data.
+
+    The protocol is :data:`PROTOCOL`, the one ``quantize`` + ``eval`` use: each recipe calibrates as
+    ``quantize`` would (its ``calib`` settings on the calibration half of the documents) and every model is
+    evaluated as ``eval`` would (``eval_samples`` held-out samples drawn with ``seed``).
 
     Args:
         source: model directory / cached hub name / ``"minilm"`` (default; the bundled MiniLM).
         recipes: recipe files, preset names (default: fp32, w8a8-rtn, w8a8-smoothquant, w8a8-osplus),
             mappings or :class:`~outlierkit.llm.recipe.Recipe` objects.
         data: text files/dirs (default: the built-in corpus), split into calibration / held-out halves.
+        calib_samples / calib_seed: override every recipe's ``calib.samples`` / ``calib.seed``.
+        seq_len: tokens per sample for evaluation and calibration (default: 128 for evaluation, the
+            recipe's ``calib.seq_len`` for calibration).
         model / tokenizer: an already loaded float model (copied per recipe) instead of ``source``.
 
     Returns one row per recipe: ``recipe``, formats, quality metrics (encoders: ``cos_mean``,
-    ``top1_agree``, ``emb_sqnr_db``; causal LMs: ``ppl``, ``top1_agree``, ``logit_sqnr_db``),
-    ``output_sqnr_db`` on calibration data, ``layer_sqnr_db_min``, ``max_in_absmax`` (largest input
-    magnitude any quantized layer sees: what the transforms tame) and ``quantize_s``.
+    ``top1_agree`` with its 95% Wilson interval, ``emb_sqnr_db``; causal LMs: ``ppl`` and ``top1_agree``
+    with 95% bootstrap intervals over windows / samples, ``logit_sqnr_db``), ``output_sqnr_db`` on
+    calibration data, ``layer_sqnr_db_min``, ``max_in_absmax`` (largest input magnitude any quantized layer
+    sees: what the transforms tame) and ``quantize_s``.
     """
     import copy
+    import dataclasses
     import time
 
+    from outlierkit._utils import log
     from outlierkit._utils.seed import seed_everything
     from outlierkit.llm.corpus import build_corpus, load_documents
     from outlierkit.llm.models import resolve
@@ -167,24 +252,37 @@ def compare_recipes(
     if model is None:
         from outlierkit.llm.models import load_model
 
+        log(f"compare: loading {source}")
         lm = load_model(source)
         model, tokenizer = lm.model, lm.tokenizer
     mm = resolve(model, warn=False)
-    calib_docs, held_docs = split_documents(load_documents(data))
+    docs = load_documents(data)
+    calib_docs, held_docs = split_documents(docs)
     max_len = getattr(model.config, "max_position_embeddings", None)  # type: ignore[union-attr]
-    calib = build_corpus(tokenizer, calib_docs, samples=calib_samples, seq_len=seq_len, seed=seed,
-                         max_length=max_len)
-    held = build_corpus(tokenizer, held_docs, samples=eval_samples, seq_len=seq_len, seed=seed + 1,
+    eval_len = seq_len or PROTOCOL.seq_len
+    held = build_corpus(tokenizer, held_docs, samples=eval_samples, seq_len=eval_len, seed=seed,
                         max_length=max_len)
-    ev = EvalData(held.batches(batch_size), held_docs, causal=mm.spec.causal, window=seq_len,
+    ev = EvalData(held.batches(batch_size), held_docs, causal=mm.spec.causal, window=eval_len,
                   max_windows=max_windows)
+    log(f"compare: float reference on {len(held)} held-out samples")
     evaluate_model(model, tokenizer, ev)  # fills the float reference
     rows = []
-    for spec in recipes:
+    calib_cache: dict[Any, Any] = {}
+    specs = list(recipes)
+    for i, spec in enumerate(specs, 1):
         recipe = load_recipe(spec)
+        changes = {k: v for k, v in (("samples", calib_samples), ("seed", calib_seed), ("seq_len", seq_len))
+                   if v is not None}
+        recipe.calib = dataclasses.replace(recipe.calib, **changes)
+        c = recipe.calib
+        key = (c.samples, c.seq_len, c.seed)
+        if key not in calib_cache:
+            calib_cache[key] = build_corpus(tokenizer, calib_docs, samples=c.samples, seq_len=c.seq_len,
+                                            seed=c.seed, max_length=max_len)
+        log(f"compare: recipe {i}/{len(specs)} {recipe.name} ({'+'.join(s.method for s in recipe.steps)})")
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        rep = quantize_(m, recipe, calib, baseline=False)
+        rep = quantize_(m, recipe, calib_cache[key], baseline=False)
         dt = time.perf_counter() - t0
         metrics = evaluate_model(m, tokenizer, ev)
         absmax = [float(v) for r in rep.tables.get("layer_sqnr", [])
@@ -200,6 +298,7 @@ def compare_recipes(
             "max_in_absmax": max(absmax) if absmax else None,
             "quantize_s": dt,
         }
+        log(f"compare: {recipe.name} done in {dt:.1f} s (top-1 agreement {row.get('top1_agree', 0):.3f})")
         rows.append(row)
         del m
     return rows

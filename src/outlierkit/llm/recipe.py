@@ -221,13 +221,104 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------------------------------- quantize_
 
-def calib_batches(calib: TokenCorpus | list[Batch], recipe: Recipe) -> list[Batch]:
-    batches = calib.batches(recipe.calib.batch_size) if isinstance(calib, TokenCorpus) else list(calib)
+CalibData = Any  # str | Sequence[str] | datasets.Dataset | TokenCorpus | Sequence[Batch] | Batch | dict
+
+
+def calib_batches(calib: CalibData, recipe: Recipe, *, tokenizer: Any = None, model: nn.Module | None = None,
+                  text_field: str = "text") -> list[Batch]:
+    """Calibration batches from what a user has at hand (as llm-compressor's ``oneshot`` takes a dataset).
+
+    Accepted: a :class:`TokenCorpus`; prepared :class:`Batch` objects (one or a list); a tokenized mapping
+    (``{"input_ids": (B, T), "attention_mask": (B, T)}``, e.g. a tokenizer's output); a string, a list of
+    strings or a ``datasets.Dataset`` with a text column ``text_field`` (or an ``input_ids`` column). Text is
+    tokenized with ``tokenizer`` (default: the tokenizer saved next to the model, ``config._name_or_path``),
+    one sample per string truncated to ``recipe.calib.seq_len`` tokens, at most ``recipe.calib.samples``
+    samples in ``recipe.calib.seed`` order (the CLI's protocol).
+    """
+    cfg = recipe.calib
+    if isinstance(calib, (list, tuple)) and not calib:
+        raise DataError("calibration data is empty; pass text, a dataset, a TokenCorpus or batches")
+    if isinstance(calib, TokenCorpus):
+        batches = calib.batches(cfg.batch_size)
+    elif isinstance(calib, Batch):
+        batches = [calib]
+    elif isinstance(calib, dict) or type(calib).__name__ == "BatchEncoding":
+        batches = [_mapping_batch(calib)]
+    elif isinstance(calib, str) or _is_text_list(calib):
+        texts = [calib] if isinstance(calib, str) else list(calib)
+        batches = _text_corpus(texts, cfg, tokenizer, model).batches(cfg.batch_size)
+    elif hasattr(calib, "column_names") and hasattr(calib, "__getitem__"):
+        batches = _dataset_batches(calib, cfg, tokenizer, model, text_field)
+    elif isinstance(calib, (list, tuple)) and calib and all(isinstance(b, Batch) for b in calib):
+        batches = list(calib)
+    else:
+        raise DataError(f"calibration data of type {type(calib).__name__} is not understood; pass a string, a "
+                        "list of strings, a datasets.Dataset with a text column, a TokenCorpus, Batch objects or "
+                        "a tokenized {'input_ids', 'attention_mask'} mapping")
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
-    if tokens < recipe.calib.min_tokens:
+    if tokens < cfg.min_tokens:
         raise DataError(f"calibration data has {tokens} tokens, fewer than calib.min_tokens="
-                        f"{recipe.calib.min_tokens}; pass more text or lower calib.min_tokens")
+                        f"{cfg.min_tokens}; pass more text or lower calib.min_tokens")
     return batches
+
+
+def _is_text_list(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, str) for t in x)
+
+
+def _mapping_batch(enc: Any) -> Batch:
+    if "input_ids" not in enc:
+        raise DataError(f"calibration mapping has no 'input_ids' (keys: {sorted(enc)})")
+    ids = torch.as_tensor(enc["input_ids"])
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = torch.as_tensor(enc["attention_mask"]) if "attention_mask" in enc else torch.ones_like(ids)
+    mask = mask.reshape(ids.shape).long()
+    return Batch(ids.long(), mask, list(range(ids.shape[0])))
+
+
+def _tokenizer_for(tokenizer: Any, model: nn.Module | None) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if path and Path(path).is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+    raise DataError("calibration text needs a tokenizer: pass quantize_(..., tokenizer=tok) (none was found "
+                    f"next to the model{' at ' + path if path else ''})")
+
+
+def _text_corpus(texts: list[str], cfg: CalibConfig, tokenizer: Any, model: nn.Module | None) -> TokenCorpus:
+    from outlierkit.llm.corpus import Document, build_corpus
+
+    docs = [Document(t, f"calib[{i}]") for i, t in enumerate(texts) if t.strip()]
+    if not docs:
+        raise DataError("calibration text is empty")
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return build_corpus(_tokenizer_for(tokenizer, model), docs, samples=cfg.samples,
+                        seq_len=min(cfg.seq_len, max_len) if isinstance(max_len, int) else cfg.seq_len,
+                        seed=cfg.seed, min_tokens=1)
+
+
+def _dataset_batches(ds: Any, cfg: CalibConfig, tokenizer: Any, model: nn.Module | None,
+                     text_field: str) -> list[Batch]:
+    cols = list(ds.column_names)
+    if isinstance(ds.column_names, dict):  # a DatasetDict: column names per split
+        raise DataError(f"calibration data is a DatasetDict with splits {sorted(cols)}; pass one split, "
+                        f"e.g. ds[{sorted(cols)[0]!r}]")
+    if text_field in cols:
+        texts = [t for t in ds[text_field] if isinstance(t, str)]
+        return _text_corpus(texts, cfg, tokenizer, model).batches(cfg.batch_size)
+    if "input_ids" in cols:  # already tokenized: one sample per row, truncated to seq_len
+        rows = [list(map(int, r))[: cfg.seq_len] for r in ds["input_ids"]][: cfg.samples]
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        return TokenCorpus([r for r in rows if r], [f"calib[{i}]" for i in range(len(rows))], cfg.seq_len,
+                  int(pad or 0)).batches(cfg.batch_size)
+    raise DataError(f"calibration dataset has no column {text_field!r} or 'input_ids' (columns: {cols})")
 
 
 @torch.no_grad()
@@ -292,12 +383,16 @@ def for_target(recipe: Recipe, target: str) -> Recipe:
     return out
 
 
-def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: TokenCorpus | list[Batch], *,
-              eval_batches: list[Batch] | None = None, baseline: bool = True, target: str | None = None) -> Report:
+def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: CalibData, *,
+              eval_batches: list[Batch] | None = None, baseline: bool = True, tokenizer: Any = None,
+              sequential: bool = False, target: str | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place (transforms, then fake-quantized wrappers); return a Report.
 
     Args:
-        calib: calibration corpus or batches.
+        calib: text (a string, a list of strings, a ``datasets.Dataset``), a TokenCorpus or prepared
+            batches (see :func:`calib_batches`).
+        tokenizer: tokenizes text calibration data (default: the one saved next to the model).
+        sequential: calibrate the transforms one decoder layer at a time (``outlierkit.llm.sequential``).
         eval_batches: batches for the SQNR measurements (default: the calibration batches).
         baseline: also measure plain RTN with the same formats before the transforms ("before").
         target: ``transformers``, ``vllm`` or ``outlierkit``: put the formats on that target's grid
@@ -309,9 +404,10 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: To
     if target is not None:
         recipe = for_target(recipe, target)
     methods = recipe.methods()
-    batches = calib_batches(calib, recipe)
+    batches = calib_batches(calib, recipe, tokenizer=tokenizer, model=model)
     ev = eval_batches or batches
-    ctx = QuantContext(batches, recipe.weight, recipe.act, recipe.qkv_out, list(recipe.overrides))
+    ctx = QuantContext(batches, recipe.weight, recipe.act, recipe.qkv_out, list(recipe.overrides),
+                       sequential=sequential)
     ctx.model_map(model)
     report = Report(kind="llm.quantize", config={"recipe": recipe.to_dict()})
     float_out = model_outputs(model, ev)
@@ -325,7 +421,10 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: To
         unwrap_(model)
     records: list[LayerRecord] = []
     timings: dict[str, float] = {}
-    for step, method in zip(recipe.steps, methods, strict=True):
+    from outlierkit._utils import log
+
+    for i, (step, method) in enumerate(zip(recipe.steps, methods, strict=True), 1):
+        log(f"quantize: step {i}/{len(methods)} {step.method}")
         t0 = time.perf_counter()
         records += method.apply(model, ctx)
         timings[f"time_{step.method}_s"] = time.perf_counter() - t0

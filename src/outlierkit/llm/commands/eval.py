@@ -8,14 +8,20 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from outlierkit.llm.evaluate import PROTOCOL as P  # the defaults `compare` uses too
+
     parser.add_argument("model", help="the float model: directory, cached hub name or 'minilm'")
     parser.add_argument("--quantized", default=None, help="a directory written by `outlierkit quantize`")
-    parser.add_argument("--data", nargs="+", default=None, help="held-out text (default: built-in corpus)")
-    parser.add_argument("--samples", type=int, default=64, help="evaluation samples (default: 64)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample / perplexity window (128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default: 8)")
-    parser.add_argument("--max-windows", type=int, default=32, help="perplexity windows, 0 = all (default: 32)")
-    parser.add_argument("--seed", type=int, default=1, help="sampling seed (default: 1)")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="text (default: built-in corpus); its held-out half (odd documents) is evaluated")
+    parser.add_argument("--samples", type=int, default=P.samples, help=f"evaluation samples (default: {P.samples})")
+    parser.add_argument("--seq-len", type=int, default=P.seq_len,
+                        help=f"tokens per sample / perplexity window ({P.seq_len})")
+    parser.add_argument("--batch-size", type=int, default=P.batch_size,
+                        help=f"samples per forward (default: {P.batch_size})")
+    parser.add_argument("--max-windows", type=int, default=P.max_windows,
+                        help=f"perplexity windows, 0 = all (default: {P.max_windows})")
+    parser.add_argument("--seed", type=int, default=P.seed, help=f"sampling seed (default: {P.seed})")
     parser.add_argument("--out", default=None, help="write report.json/report.md here (optional)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
@@ -24,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from outlierkit._utils.io import check_output, staged_output
     from outlierkit.errors import ConfigError
     from outlierkit.llm.corpus import build_corpus, load_documents
-    from outlierkit.llm.evaluate import EvalData, evaluate_model
+    from outlierkit.llm.evaluate import EvalData, evaluate_model, held_out
     from outlierkit.llm.export import load_quantized
     from outlierkit.llm.models import load_model
     from outlierkit.llm.recipe import layer_sqnr
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quantized:  # validate the quantized directory before any evaluation runs
         _check_same_model(args.model, args.quantized)
         q = load_quantized(args.quantized)
-    docs = load_documents(args.data)
+    docs = held_out(load_documents(args.data))  # the protocol's split: `quantize` calibrates on the other half
     lm = load_model(args.model)
     corpus = build_corpus(lm.tokenizer, docs, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                           max_length=lm.max_length)
@@ -76,6 +82,7 @@ def _reproduce_quantize_fidelity(quantized: str, lm: Any, qmodel: Any, report: A
     import yaml
 
     from outlierkit.llm.corpus import build_corpus, load_documents
+    from outlierkit.llm.evaluate import calibration_half
     from outlierkit.llm.recipe import model_outputs, output_sqnr
 
     d = Path(quantized)
@@ -88,7 +95,8 @@ def _reproduce_quantize_fidelity(quantized: str, lm: Any, qmodel: Any, report: A
     reported = qrep.get("metrics", {}).get("output_sqnr_db")
     if reported is None or not calib:
         return
-    corpus = build_corpus(lm.tokenizer, load_documents(qrep.get("config", {}).get("data")),
+    docs = calibration_half(load_documents(qrep.get("config", {}).get("data")))  # what quantize calibrated on
+    corpus = build_corpus(lm.tokenizer, docs,
                           samples=calib.get("samples", 32), seq_len=calib.get("seq_len", 128),
                           seed=calib.get("seed", 0), max_length=lm.max_length)
     batches = corpus.batches(calib.get("batch_size", 8))

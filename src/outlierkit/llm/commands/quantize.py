@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if problems:
             raise ConfigError(f"recipe {recipe.name} cannot be served by vLLM: " + "; ".join(problems))
     seed_everything(recipe.calib.seed)
-    docs = load_documents(args.data)
+    from outlierkit.llm.evaluate import calibration_half
+
+    docs = calibration_half(load_documents(args.data))  # `eval` / `compare` evaluate on the other half
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     corpus = build_corpus(lm.tokenizer, docs, samples=recipe.calib.samples, seq_len=recipe.calib.seq_len,
                           seed=recipe.calib.seed, max_length=lm.max_length)

@@ -57,6 +57,7 @@ class QuantContext:
         qkv_out: optional format of q/k/v outputs (attention matmul inputs).
         overrides: per-layer overrides, first match wins.
         map: the resolved architecture map (computed from the model when None).
+        sequential: calibrate one decoder layer at a time (models larger than the device), on ``device``.
     """
 
     batches: list[Batch]
@@ -66,6 +67,8 @@ class QuantContext:
     overrides: list[Override] = field(default_factory=list)
     map: ModelMap | None = None
     notes: list[str] = field(default_factory=list)
+    sequential: bool = False
+    device: str | None = None
 
     def model_map(self, model: nn.Module) -> ModelMap:
         if self.map is None:

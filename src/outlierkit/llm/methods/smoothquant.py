@@ -64,7 +64,8 @@ class SmoothQuant(QuantMethod):
         groups = resolve_groups(model, mm, tuple(self.folds), "smoothquant")
         if not groups:
             return nothing_to_fold(ctx, mm, "smoothquant", self.folds, "smoothed")
-        stats = collect_input_stats(model, sorted({g.linears[0] for g in groups}), ctx.batches)
+        stats = collect_input_stats(model, sorted({g.linears[0] for g in groups}), ctx.batches,
+                                    sequential=ctx.sequential, device=ctx.device)
         records = []
         for g in groups:
             a = tie_reduce(stats[g.linears[0]].absmax.double(), g, "amax")  # (R,)

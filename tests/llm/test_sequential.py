@@ -1,0 +1,79 @@
+"""Layer-by-layer calibration gives the all-at-once results (statistics, cached inputs, transforms)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from outlierkit.llm.calibrate import collect_input_stats
+from outlierkit.llm.fixtures import tiny_model
+from outlierkit.llm.methods.base import resolve_groups
+from outlierkit.llm.models import resolve
+
+
+@pytest.fixture(scope="module")
+def batches(tok):
+    from outlierkit.llm.corpus import build_corpus, load_documents
+
+    return build_corpus(tok, load_documents(None), samples=6, seq_len=24, seed=4).batches(3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe", "bert", "opt"])
+def test_sequential_statistics_equal_all_at_once(family, batches):
+    model = tiny_model(family)
+    mm = resolve(model, warn=False)
+    groups = resolve_groups(model, mm, ("norm", "attn_v", "linear"))
+    sites = sorted({g.linears[0] for g in groups})
+    ctx = {g.linears[0]: mm.fqn(g.layer, mm.spec.attn) for g in groups if g.spec.role == "qkv"}
+    ref = collect_input_stats(model, sites, batches, cache=set(sites), context_sites=ctx)
+    seq = collect_input_stats(model, sites, batches, cache=set(sites), context_sites=ctx, sequential=True)
+    assert set(ref) == set(seq)
+    for name in sites:
+        a, b = ref[name], seq[name]
+        assert a.tokens == b.tokens
+        for x, y in ((a.absmax, b.absmax), (a.min, b.min), (a.max, b.max), *zip(a.cached, b.cached, strict=True)):
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-6), name
+        for ca, cb in zip(a.context, b.context, strict=True):
+            for pa, pb in zip(ca.get("position_embeddings") or (), cb.get("position_embeddings") or (), strict=True):
+                assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "os_plus"])
+def test_sequential_quantize_equals_all_at_once(method, batches):
+    from outlierkit.llm.recipe import model_outputs, quantize_
+
+    recipe = {"weight": "int8-channel", "act": "int8-tensor",
+              "steps": [{method: {"max_candidates": 60} if method == "os_plus" else {}}, "rtn"],
+              "calib": {"min_tokens": 16}}
+    outs = []
+    for sequential in (False, True):
+        model = tiny_model("llama")
+        quantize_(model, recipe, batches, baseline=False, sequential=sequential)
+        outs.append(model_outputs(model, batches))
+    for a, b in zip(*outs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_refuses_alternating_layer_types(batches):
+    from outlierkit.errors import ConfigError
+    from outlierkit.llm.sequential import forward_layer_by_layer
+
+    model = tiny_model("llama")
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ConfigError, match="alternates layer types"):
+        forward_layer_by_layer(model, batches)
+
+
+def test_sequential_runs_only_the_layers_it_needs_one_at_a_time(batches):
+    """The final norm never runs, layers after the last site never run, and each layer runs all batches
+    before the next layer starts (so only one layer's activations are live)."""
+    model = tiny_model("llama")
+    order: list[str] = []
+    model.model.norm.register_forward_hook(lambda *a: order.append("norm"))
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda *a, i=i: order.append(f"layer{i}"))
+    collect_input_stats(model, ["model.layers.0.mlp.down_proj"], batches, sequential=True)
+    assert order == ["layer0"] * len(batches)
+    order.clear()
+    collect_input_stats(model, ["model.layers.1.self_attn.q_proj"], batches, sequential=True)
+    assert order == ["layer0"] * len(batches) + ["layer1"] * len(batches)
