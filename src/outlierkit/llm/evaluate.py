@@ -282,7 +282,8 @@ def compare_recipes(
         log(f"compare: recipe {i}/{len(specs)} {recipe.name} ({'+'.join(s.method for s in recipe.steps)})")
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        rep = quantize_(m, recipe, calib_cache[key], baseline=False)
+        # on the grid `quantize` uses (the recipe's target, else transformers), so `eval --quantized` agrees
+        rep = quantize_(m, recipe, calib_cache[key], baseline=False, target=recipe.target or "transformers")
         dt = time.perf_counter() - t0
         metrics = evaluate_model(m, tokenizer, ev)
         absmax = [float(v) for r in rep.tables.get("layer_sqnr", [])

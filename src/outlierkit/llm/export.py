@@ -70,6 +70,14 @@ def _int8_standin(m: Int8Linear) -> nn.Module:
     return lin
 
 
+def _refuse_online_rotation(model: nn.Module) -> None:
+    """No saved format carries rotate's online Hadamard: saving without it would be another model."""
+    online = [n for n, q in quant_layers(model) if getattr(q, "rotation", None) is not None]
+    if online:
+        raise ConfigError(f"{online[0]} has an online rotation (rotate with online_down: true) that a saved "
+                          "checkpoint cannot carry; quantize with online_down: false to save the model")
+
+
 def save_outlierkit(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe_yaml: str | None = None) -> None:
     """outlierkit's format: ``model.safetensors`` + ``config.json`` (the float weights after every equivalence
     transform; INT8 layers as their dequantized weights, so plain transformers loads a faithful float model),
@@ -78,10 +86,7 @@ def save_outlierkit(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, re
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    online = [n for n, q in quant_layers(model) if getattr(q, "rotation", None) is not None]  # rotate's online H
-    if online:
-        raise ConfigError(f"{online[0]} has an online rotation (rotate with online_down: true) that a saved "
-                          "checkpoint cannot carry; quantize with online_down: false to save the model")
+    _refuse_online_rotation(model)
     state = quant_state(model)
     wrappers = dict(quant_layers(model))
     int8 = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
@@ -122,6 +127,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, rec
     from outlierkit.llm.export_ct import export_compressed_tensors, vllm_problems
 
     check_target(target)
+    _refuse_online_rotation(model)  # before any format is tried, so nothing is written
     if target != "outlierkit":
         try:
             if target == "vllm":

@@ -32,7 +32,7 @@ def weight_qparams(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch
     The same formula as :func:`outlierkit.llm.formats.fake_quant` (so the grid is the deployed one).
     """
     lo, hi = minmax(w, fmt)
-    scale, zp = int_qparams(lo, hi, fmt.bits, fmt.symmetric)  # (1, 1), (R, 1) or (R, C/G, 1)
+    scale, zp = int_qparams(lo, hi, fmt.bits, fmt.symmetric, fmt.grid)  # (1, 1), (R, 1) or (R, C/G, 1)
     r, c = w.shape
     if fmt.granularity == "group":
         assert fmt.group_size is not None
@@ -62,7 +62,11 @@ def pin_values(w: torch.Tensor, fmt: IntFormat, scale: torch.Tensor, zp: torch.T
     z = zp.reshape(view.shape)
     if fmt.symmetric:
         amax, idx = view.abs().max(dim=-1, keepdim=True)
-        val = torch.sign(view.gather(-1, idx)) * fmt.qmax * sc.gather(-1, idx)
+        # grid "vllm": the extreme code +-qmax gives back amax. Grid "ct" (scale amax / (qmax + 1/2)) has no
+        # code at amax, so the element keeps its own value: min-max then gives back the scale, and the
+        # deployed value is that element's fake quantization (see gptq_quantize's error term).
+        val = (view.gather(-1, idx) if fmt.grid == "ct"
+               else torch.sign(view.gather(-1, idx)) * fmt.qmax * sc.gather(-1, idx))
         pin.scatter_(-1, idx, torch.where(amax > 0, val, math.nan))
     else:
         top = 2**fmt.bits - 1
@@ -156,11 +160,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, *, block_siz
                     pins[:, i1 + i:i1 + i + gsz] = pin_values(
                         g, IntFormat(fmt.bits, fmt.symmetric, "channel"), gs, gz)
             col = W1[:, i]
-            q = int_fake_quant(col, scale[:, i1 + i], zp[:, i1 + i], fmt.bits, fmt.symmetric)
+            s_i, z_i = scale[:, i1 + i], zp[:, i1 + i]
+            q = int_fake_quant(col, s_i, z_i, fmt.bits, fmt.symmetric)
+            if fmt.symmetric:  # never past the granule's range: min-max of Q must give back the scale
+                q = torch.clamp(q, -fmt.qmax * s_i, fmt.qmax * s_i)
             p = pins[:, i1 + i]
-            q = torch.where(torch.isnan(p), q, p)
-            Q[:, i1 + i] = q
-            err = (col - q) / U1[i, i]
+            Q[:, i1 + i] = torch.where(torch.isnan(p), q, p)
+            # the error is taken against the deployed value (a "ct" pin is stored off-grid, served quantized)
+            deployed = torch.where(torch.isnan(p), q, int_fake_quant(torch.nan_to_num(p), s_i, z_i, fmt.bits,
+                                                                     fmt.symmetric))
+            err = (col - deployed) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]

@@ -40,6 +40,8 @@ REFUSED = {
     "gpt2": "LayerNorm subtracts the mean and adds a bias (QuaRot's LayerNorm -> RMSNorm conversion is not "
             "implemented)",
     "bert": "post-LN: the LayerNorm output is the residual stream itself and LayerNorm subtracts the mean",
+    "tiny-mdm": "LayerNorm subtracts the mean and adds a bias (QuaRot's LayerNorm -> RMSNorm conversion is not "
+                "implemented)",
     "llada": "the remote-code LLaDA layout is not verified for rotation (its transformers port, llada-hf, is)",
 }
 
