@@ -138,3 +138,15 @@ def test_resume_after_calibration_keeps_the_thresholds(corpus, tmp_path):
     assert ActivationProfile.load(ckpt).thresholds == full.thresholds
     resumed = profile_model(model, mm, corpus, OPTS, checkpoint=ckpt, resume=True)
     _assert_same(full, resumed)
+
+
+def test_checkpoint_path_per_rank():
+    from pathlib import Path
+
+    from outlierkit.llm.profile import checkpoint_path
+
+    assert checkpoint_path(Path("d/ckpt"), (0, 1)) == Path("d/ckpt")
+    assert checkpoint_path(Path("d/ckpt"), (1, 2)) == Path("d/ckpt-rank1of2")
+    # a name that already names its rank (the CLI's checkpoint-K-rankR-ofW) is used as given
+    assert checkpoint_path(Path("d/checkpoint-0-rank1-of2"), (1, 2)) == Path("d/checkpoint-0-rank1-of2")
+    assert checkpoint_path(Path("d/checkpoint-0-rank1-of12"), (10, 12)) == Path("d/checkpoint-0-rank1-of12-rank10of12")

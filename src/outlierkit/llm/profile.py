@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -676,9 +677,12 @@ def _model_inputs(model: nn.Module, mm: ModelMap, corpus: TokenCorpus, opt: Prof
 
 
 def checkpoint_path(checkpoint: Path, shard: tuple[int, int]) -> Path:
-    """Each rank of a distributed run checkpoints to its own file (``NAME-rank1of2``)."""
+    """Each rank of a distributed run checkpoints to its own file: ``NAME-rank1of2``, unless the caller's
+    name already names the rank (``checkpoint-0-rank1-of2``), which is then used as given."""
     rank, world = shard
-    return checkpoint if world == 1 else checkpoint.with_name(f"{checkpoint.name}-rank{rank}of{world}")
+    if world == 1 or re.search(rf"rank-?{rank}(\D|$)", checkpoint.name):
+        return checkpoint
+    return checkpoint.with_name(f"{checkpoint.name}-rank{rank}of{world}")
 
 
 def _warn(message: str) -> None:
