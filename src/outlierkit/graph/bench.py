@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,10 @@ import torch
 
 from outlierkit._utils import log, seed_everything
 from outlierkit.errors import ConfigError
-from outlierkit.graph.data import TUData, downsample_anomalies, load_tu, stratified_split
-from outlierkit.graph.detector import GraphDetector, TorchGraphDetector, get_detector, make_detector
+from outlierkit.graph.base import GraphDetector
+from outlierkit.graph.data import DataConfig, Task, load_tu, make_task
+from outlierkit.graph.detector import TorchGraphDetector
+from outlierkit.graph.detectors import get_detector, make_detector
 from outlierkit.graph.metrics import auprc, macro_f1, roc_auc
 from outlierkit.report import Report, new_figure, save_figure
 
@@ -31,56 +32,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """How a TU dataset becomes an anomaly-detection task.
-
-    Args:
-        dataset: TU name (e.g. ``"AIDS"``).
-        data_root: folder holding ``NAME/`` in TU format.
-        anomaly_label: raw graph label of the anomaly class (default: None = minority class).
-        anomaly_ratio: downsample anomalies to this share, seeded (default: None = keep all).
-        use_node_attr: prepend real node attributes to the one-hot labels (default: False).
-        seed: seeds downsampling and the stratified 70/15/15 split (default: 0).
-    """
-
-    dataset: str
-    data_root: str
-    anomaly_label: int | None = None
-    anomaly_ratio: float | None = None
-    use_node_attr: bool = False
-    seed: int = 0
-
-
-@dataclass
-class Task:
-    """A loaded dataset with its (downsampled) index set and train/val/test indices into ``data.graphs``."""
-
-    data: TUData
-    keep: np.ndarray
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    cfg: DataConfig
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def make_task(cfg: DataConfig, data: TUData | None = None) -> Task:
-    """Load (or reuse) the dataset, downsample anomalies if asked, and split 70/15/15 stratified."""
-    if data is None:
-        data = load_tu(cfg.dataset, cfg.data_root, anomaly_label=cfg.anomaly_label,
-                       use_node_attr=cfg.use_node_attr)
-    y = data.y
-    keep = np.arange(y.size)
-    if cfg.anomaly_ratio is not None:
-        keep = downsample_anomalies(y, cfg.anomaly_ratio, cfg.seed)
-    tr, va, te = stratified_split(y[keep], cfg.seed)
-    info = {"graphs": int(keep.size), "anomalies": int(y[keep].sum()),
-            "anomaly_share": float(y[keep].mean()), "anomaly_label": data.spec["anomaly_label"],
-            "features": data.graphs.num_features}
-    return Task(data, keep, keep[tr], keep[va], keep[te], cfg, info)
-
-
 def build(spec: str, overrides: dict[str, Any] | None = None) -> GraphDetector:
     """A detector from a registry name or bench variant, with hyperparameter overrides."""
     name, params = VARIANTS.get(spec, (spec, {}))
@@ -88,6 +39,16 @@ def build(spec: str, overrides: dict[str, Any] | None = None) -> GraphDetector:
     cls = get_detector(name)
     fields = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
     return make_detector(name, **{k: v for k, v in params.items() if k in fields})
+
+
+def _check_override_keys(detectors: list[str], overrides: dict[str, Any]) -> None:
+    """Every override must be a hyperparameter of at least one detector (``build`` drops the others)."""
+    from outlierkit.graph.base import check_param_name
+
+    classes = [get_detector(VARIANTS.get(d, (d, {}))[0]) for d in detectors]
+    for key in overrides:
+        if not any(key in c.param_names() for c in classes):
+            check_param_name(classes[0], key)
 
 
 def run_one(task: Task, det: GraphDetector) -> dict[str, Any]:
@@ -103,16 +64,17 @@ def run_one(task: Task, det: GraphDetector) -> dict[str, Any]:
         s_auc = det.decision_function(test)
         det.use_checkpoint("f1")
         s_f1 = det.decision_function(test)
-        row.update(auc=roc_auc(yt, s_auc), auprc=auprc(yt, s_auc),
-                   macro_f1=macro_f1(yt, (s_f1 > det.threshold_).astype(np.int64)),
+        det.use_checkpoint(det.checkpoint)  # leave the detector scoring as configured
+        p_f1 = (s_f1 > det.threshold_).astype(np.int64)
+        row.update(auc=roc_auc(yt, s_auc), auprc=auprc(yt, s_auc), macro_f1=macro_f1(yt, p_f1),
                    auc_f1ckpt=roc_auc(yt, s_f1), epochs=len(det.history_),
                    best_epoch_auc=det.best_epoch_["auc"], best_epoch_f1=det.best_epoch_["f1"])
-        row["scores"] = s_auc
+        row["scores"], row["preds"] = s_auc, p_f1
     else:
         s = det.decision_function(test)
-        row.update(auc=roc_auc(yt, s), auprc=auprc(yt, s), macro_f1=macro_f1(yt, det.predict(test)),
-                   auc_f1ckpt=math.nan, epochs=0)
-        row["scores"] = s
+        p = (s > det.threshold_).astype(np.int64)
+        row.update(auc=roc_auc(yt, s), auprc=auprc(yt, s), macro_f1=macro_f1(yt, p), auc_f1ckpt=math.nan, epochs=0)
+        row["scores"], row["preds"] = s, p
     return row
 
 
@@ -141,6 +103,7 @@ def quality(
                     "best-validation-AUC checkpoint, Macro-F1 (argmax) from the best-validation-F1 "
                     "checkpoint (GNNs); baselines are one model each",
     })
+    _check_override_keys(detectors, overrides or {})
     rows, info_rows = [], []
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for ds in datasets:
@@ -154,6 +117,7 @@ def quality(
                 det = build(spec, {**(overrides or {}), "seed": seed})
                 r = run_one(task, det)
                 scores = r.pop("scores")
+                r.pop("preds")
                 if seed == seeds[0]:
                     curves.setdefault(ds, {})[spec] = (task.data.y[task.test], scores)
                 rows.append({"dataset": ds, "detector": spec, "seed": seed, **r})
