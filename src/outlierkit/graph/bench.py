@@ -115,6 +115,8 @@ def quality(
             for spec in detectors:
                 seed_everything(seed)
                 det = build(spec, {**(overrides or {}), "seed": seed})
+                done = len(rows)
+                log(f"[{done + 1}/{len(datasets) * len(seeds) * len(detectors)}] {ds} seed {seed} {spec}: fitting")
                 r = run_one(task, det)
                 scores = r.pop("scores")
                 r.pop("preds")
@@ -233,7 +235,9 @@ def speed(dataset: str, data_root: str, *, ratio: float | None = None, seed: int
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    log(f"timing training epochs ({repeats} repeats each, packed then dense)")
     fast_ep, dense_ep = best(epoch_fast), best(epoch_dense)
+    log(f"timing scoring of {test.num_graphs} graphs ({repeats} repeats each)")
     fast_sc, dense_sc = best(score_fast), best(score_dense)
     report = Report(kind="graph.bench.speed", config={
         "dataset": dataset, "anomaly_ratio": ratio, "seed": seed, "repeats": repeats, "timing": "min over repeats",
