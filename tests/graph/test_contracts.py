@@ -117,16 +117,17 @@ def test_nan_node_features_are_a_data_error():
 
 
 def test_threads_follow_work_size_and_same_seed_repeats():
-    graphs, y = planted_graphs(60, 0.25, seed=1)
+    graphs, y = planted_graphs(40, 0.25, seed=1)
+    quick = {"epochs": 3, "batch_size": 16}
     torch.set_num_threads(2)  # what a user's default looks like (the autouse fixture restores it)
-    a = RQGNNDetector(**FAST, seed=4).fit(graphs, y)
+    a = RQGNNDetector(**quick, seed=4).fit(graphs, y)
     assert a.threads_ == 1 and torch.get_num_threads() == 2  # small graphs: 1 thread, restored afterwards
-    b = RQGNNDetector(**FAST, seed=4).fit(graphs, y)
+    b = RQGNNDetector(**quick, seed=4).fit(graphs, y)
     assert [h["loss"] for h in a.history_] == [h["loss"] for h in b.history_]
     assert np.array_equal(a.decision_function(graphs), b.decision_function(graphs))
-    assert RQGNNDetector(**FAST, threads=2).fit(graphs, y).threads_ == 2
+    assert RQGNNDetector(**quick, threads=2).fit(graphs, y).threads_ == 2
     with pytest.raises(ConfigError, match="threads"):
-        RQGNNDetector(**FAST, threads=0).fit(graphs, y)
+        RQGNNDetector(**quick, threads=0).fit(graphs, y)
 
 
 def test_early_stopping_waits_more_than_patience_epochs(monkeypatch):

@@ -226,6 +226,7 @@ def test_make_task_with_a_split_file(tiny_tu, tmp_path):
         make_task(DataConfig("TINY", str(tiny_tu), split_file=str(p)))
 
 
+@pytest.mark.slow
 def test_shared_datasets_load_without_edge_warnings(shared_tu):
     for name in ("MUTAG", "NCI1", "AIDS", "COX2", "DHFR", "PROTEINS", "NCI1ds"):
         if (shared_tu / name).is_dir():
