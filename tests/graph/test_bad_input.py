@@ -50,6 +50,8 @@ CASES = [  # (id, argv builder (root, out) -> argv, set-up or None, text the one
     ("anomaly ratio 2", lambda r, o: _fit(r, o, "--anomaly-ratio", "2"), None, "anomaly ratio"),
     ("code behaviour with gin", lambda r, o: _fit(r, o, "--detector", "gin", "--code-behaviour"), None,
      "--code-behaviour"),
+    ("code and paper behaviour", lambda r, o: _fit(r, o, "--code-behaviour", "--paper-behaviour"), None,
+     "exclude each other"),
     ("missing config", lambda r, o: _fit(r, o, "--config", str(r / "nope.yaml")), None, "nope.yaml"),
     ("missing split file", lambda r, o: _fit(r, o, "--split-file", str(r / "nope.json")), None, "cannot read"),
     ("overlapping split", lambda r, o: _fit(r, o, "--split-file", _split(r, {"train": [0, 1, 2], "val": [2, 3],

@@ -37,7 +37,12 @@ def test_fit_code_behaviour_and_baseline(tiny_tu, tmp_path):
     assert main(["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(out),
                  "--code-behaviour", "--set", "epochs=3"]) == 0
     params = json.loads((out / "report.json").read_text())["config"]["params"]
-    assert params["train_cheb"] is False and params["rq_normalize"] is False
+    assert (params["train_cheb"], params["rq_normalize"], params["batch_size"]) == (False, False, 512)
+    out3 = tmp_path / "paper"
+    assert main(["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(out3),
+                 "--paper-behaviour", "--set", "epochs=2"]) == 0
+    params = json.loads((out3 / "report.json").read_text())["config"]["params"]
+    assert (params["train_cheb"], params["rq_normalize"], params["batch_size"]) == (True, True, 512)
     out2 = tmp_path / "forest"
     assert main(["graph", "fit", "--dataset", "TINY", "--data-root", str(tiny_tu), "--out", str(out2),
                  "--detector", "rq_forest", "--set", "n_estimators=20"]) == 0

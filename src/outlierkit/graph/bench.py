@@ -14,7 +14,7 @@ from outlierkit._utils import log, seed_everything
 from outlierkit.errors import ConfigError
 from outlierkit.graph.base import GraphDetector
 from outlierkit.graph.data import DataConfig, Task, load_tu, make_task
-from outlierkit.graph.detector import TorchGraphDetector
+from outlierkit.graph.detector import RQGNN_BEHAVIOURS, TorchGraphDetector
 from outlierkit.graph.detectors import get_detector, make_detector
 from outlierkit.graph.metrics import auprc, macro_f1, roc_auc
 from outlierkit.report import Report, new_figure, save_figure
@@ -28,7 +28,8 @@ DEFAULT_DATASETS = ("AIDS", "NCI1", "COX2", "DHFR", "PROTEINS", "MUTAG")
 DEFAULT_DETECTORS = ("rqgnn", "rqgnn-code", "gin", "rq_forest", "rq_iforest")
 # Bench-only variants of registered detectors.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "rqgnn-code": ("rqgnn", {"train_cheb": False, "rq_normalize": False}),
+    "rqgnn-code": ("rqgnn", RQGNN_BEHAVIOURS["code"]),
+    "rqgnn-paper": ("rqgnn", RQGNN_BEHAVIOURS["paper"]),
 }
 
 

@@ -338,6 +338,13 @@ def load_detector(path: str | Path) -> TorchGraphDetector:
     return det
 
 
+# Named settings of RQGNN: what the paper describes and what the released code runs (commit 159b743).
+RQGNN_BEHAVIOURS: dict[str, dict[str, Any]] = {
+    "paper": {"train_cheb": True, "rq_normalize": True, "batch_size": 512},
+    "code": {"train_cheb": False, "rq_normalize": False, "batch_size": 512},
+}
+
+
 @DETECTORS.register("rqgnn")
 @dataclass
 class RQGNNDetector(TorchGraphDetector):
@@ -370,6 +377,13 @@ class RQGNNDetector(TorchGraphDetector):
     batch_norm: bool = True
     train_cheb: bool = True
     rq_normalize: bool = True
+
+    @classmethod
+    def behaviour(cls, name: str, **params: Any) -> RQGNNDetector:
+        """``"paper"`` or ``"code"`` (see ``RQGNN_BEHAVIOURS``), with further hyperparameters on top."""
+        if name not in RQGNN_BEHAVIOURS:
+            raise ConfigError(f"unknown RQGNN behaviour {name!r}; choose from {sorted(RQGNN_BEHAVIOURS)}")
+        return cls(**{**RQGNN_BEHAVIOURS[name], **params})
 
     def rq_normalized(self) -> bool:
         return self.rq_normalize
