@@ -105,7 +105,8 @@ def quality(
                     "checkpoint (GNNs); baselines are one model each",
     })
     _check_override_keys(detectors, overrides or {})
-    rows, info_rows = [], []
+    rows: list[dict[str, Any]] = []
+    info_rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for ds in datasets:
         data = load_tu(ds, data_root, anomaly_label=DEFAULT_LABELS.get(ds))
