@@ -16,11 +16,11 @@ def test_fit_then_score(tiny_tu, tmp_path, capsys):
     assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["kind"] == "graph.fit" and rep["config"]["params"]["epochs"] == 8
-    assert rep["config"]["params"]["train_cheb"] is True and rep["config"]["params"]["rq_normalize"] is True
+    assert rep["config"]["params"]["train_cheb"] is False and rep["config"]["params"]["rq_normalize"] is False
     assert {"test_auc", "test_auprc", "test_macro_f1"} <= set(rep["metrics"])
     assert len(rep["tables"]["graphs"]) == 7 and len(rep["tables"]["history"]) == 8
     assert (out / "roc.png").stat().st_size > 1000 and (out / "model" / "model.safetensors").is_file()
-    assert "train_cheb=True" in (out / "report.md").read_text()
+    assert "train_cheb=False" in (out / "report.md").read_text()
     assert main(args) == 2 and "--force" in capsys.readouterr().err  # existing output is kept
     sc = tmp_path / "score"
     assert main(["graph", "score", "--model", str(out), "--out", str(sc)]) == 0
