@@ -147,3 +147,14 @@ def test_cuda_error_names_an_existing_option():
     graphs, y = planted_graphs(20, 0.25, seed=1)
     with pytest.raises(ConfigError, match=r"device='cpu' \(CLI: --device cpu\)"):
         RQGNNDetector(**FAST, device="cuda").fit(graphs, y)
+
+
+def test_rqgnn_default_and_named_behaviours():
+    d = RQGNNDetector()
+    assert (d.train_cheb, d.rq_normalize, d.batch_size) == (False, False, 128)  # see docs/graph.md, NCI1ds
+    p = RQGNNDetector.behaviour("paper", seed=3)
+    assert (p.train_cheb, p.rq_normalize, p.batch_size, p.seed) == (True, True, 512, 3)
+    c = RQGNNDetector.behaviour("code")
+    assert (c.train_cheb, c.rq_normalize, c.batch_size) == (False, False, 512)
+    with pytest.raises(ConfigError, match="unknown RQGNN behaviour"):
+        RQGNNDetector.behaviour("papr")
