@@ -25,7 +25,7 @@ from outlierkit.report import Report, new_figure, save_figure
 DEFAULT_RATIOS: dict[str, float | None] = {"NCI1": 0.06}
 DEFAULT_LABELS: dict[str, int | None] = {"NCI1": 1}
 DEFAULT_DATASETS = ("AIDS", "NCI1", "COX2", "DHFR", "PROTEINS", "MUTAG")
-DEFAULT_DETECTORS = ("rqgnn", "rqgnn-code", "gin", "rq_forest", "rq_iforest")
+DEFAULT_DETECTORS = ("rqgnn", "rqgnn-paper", "rqgnn-code", "gin", "rq_forest", "rq_iforest")
 # Bench-only variants of registered detectors.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rqgnn-code": ("rqgnn", RQGNN_BEHAVIOURS["code"]),

@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--dataset", default=None, help="speed mode: dataset (default: NCI1)")
     bench.add_argument("--data-root", default=None, help="folder holding the TU datasets")
     bench.add_argument("--detectors", default=None,
-                       help=f"comma list of {', '.join(DETECTOR_NAMES)} or rqgnn-code "
-                            "(default: rqgnn,rqgnn-code,gin,rq_forest,rq_iforest)")
+                       help=f"comma list of {', '.join(DETECTOR_NAMES)}, rqgnn-paper or rqgnn-code "
+                            "(default: rqgnn,rqgnn-paper,rqgnn-code,gin,rq_forest,rq_iforest)")
     bench.add_argument("--seeds", type=int, default=5, help="number of seeds 0..N-1 (default: 5)")
     bench.add_argument("--epochs", type=int, default=None, help="override epochs of the GNN detectors")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
