@@ -94,6 +94,12 @@ def summarise(path: Path) -> None:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         key = r["variant"] + ("" if not r["extra"] else " " + json.dumps(r["extra"], sort_keys=True))
+        same = [o for o in rows.get(key, []) if o["seed"] == r["seed"]]
+        if same:  # a seed run twice (parallel processes): it must repeat exactly; keep one
+            if same[0]["test_auc"] != r["test_auc"]:
+                print(f"warning: {key} seed {r['seed']} did not repeat: {same[0]['test_auc']} vs {r['test_auc']}",
+                      file=sys.stderr)
+            continue
         rows.setdefault(key, []).append(r)
     print("| variant | seeds | test AUC | test Macro-F1 | AUC - released | Welch t |")
     print("|---|---|---|---|---|---|")
