@@ -153,6 +153,8 @@ def _fit(args: argparse.Namespace) -> int:
         params.setdefault("verbose", not args.quiet)
         if args.threads is not None:
             params.setdefault("threads", args.threads)
+        elif os.environ.get("OUTLIERKIT_THREADS"):  # an explicit choice beats the work-size rule
+            params.setdefault("threads", int(os.environ["OUTLIERKIT_THREADS"]))
     elif args.device != "cpu":
         raise ConfigError(f"--device applies to the GNN detectors (rqgnn, gin), not {args.detector!r}")
     det = make_detector(args.detector, **params)
