@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch_geometric.data import Data
 
-SHARED_TU = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tu"
+# ../shared/data/tu beside the repository; OUTLIERKIT_TEST_TU points elsewhere (e.g. from a git worktree).
+SHARED_TU = Path(os.environ.get("OUTLIERKIT_TEST_TU",
+                               Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tu"))
 
 
 def planted_graphs(num: int = 60, anomaly_share: float = 0.25, seed: int = 0) -> tuple[list[Data], np.ndarray]:

@@ -135,3 +135,99 @@ def test_shared_datasets(shared_tu, name, graphs, anomalies, label, features):
     assert d.graphs.num_graphs == graphs and int(d.y.sum()) == anomalies
     assert d.spec["anomaly_label"] == label and d.graphs.num_features == features
     assert torch.equal(d.graphs.x.sum(1), torch.ones(d.graphs.x.size(0)))  # one-hot
+
+
+def test_truncated_a_file_is_caught_by_edge_label_line_counts(tiny_tu):
+    d = tiny_tu / "TINY"
+    lines = (d / "TINY_A.txt").read_text().splitlines()
+    (d / "TINY_edge_labels.txt").write_text("1\n" * len(lines))
+    assert load_tu("TINY", tiny_tu).graphs.num_graphs == 40  # consistent files load
+    (d / "TINY_A.txt").write_text("\n".join(lines[: len(lines) - 30]) + "\n")  # cut cleanly at a line end
+    with pytest.raises(DataError, match=r"TINY_A.txt has \d+ edge lines but TINY_edge_labels.txt has \d+"):
+        load_tu("TINY", tiny_tu)
+    (d / "TINY_edge_labels.txt").unlink()
+    (d / "TINY_edge_attributes.txt").write_text("0.5\n" * len(lines))
+    with pytest.raises(DataError, match="TINY_edge_attributes.txt"):
+        load_tu("TINY", tiny_tu)
+
+
+def test_truncated_a_file_without_edge_files_warns_about_edgeless_graphs(tiny_tu):
+    d = tiny_tu / "TINY"
+    assert not any("no edge" in w for w in load_tu("TINY", tiny_tu).warnings)
+    lines = (d / "TINY_A.txt").read_text().splitlines()
+    (d / "TINY_A.txt").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    w = [m for m in load_tu("TINY", tiny_tu).warnings if "no edge" in m]
+    assert len(w) == 1 and "1-based" in w[0] and "truncated" in w[0]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_node_attributes_name_file_and_line(tmp_path, bad):
+    d = write_tu(tmp_path, "ATT", [(0, [(0, 1)], [3, 5]), (1, [(0, 1), (1, 2)], [5, 5, 7])], attrs=True)
+    rows = (d / "ATT_node_attributes.txt").read_text().splitlines()
+    rows[3] = f"{bad}, 1.0"
+    (d / "ATT_node_attributes.txt").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"ATT_node_attributes.txt line 4 \(node 4\): non-finite value"):
+        load_tu("ATT", tmp_path, use_node_attr=True)
+    assert load_tu("ATT", tmp_path).graphs.num_graphs == 2  # attributes unused: nothing to complain about
+
+
+def test_edge_errors_use_the_files_1_based_ids(tiny_tu):
+    break_file(tiny_tu, "TINY", "A", "1, 2\n2, 1\n1, 40\n")
+    with pytest.raises(DataError, match=r"TINY_A.txt: line 3 joins node 1 \(graph 1\) and node 40 \(graph 2\)"):
+        load_tu("TINY", tiny_tu)
+
+
+def test_split_file_is_read_and_validated(tmp_path):
+    import json
+
+    from outlierkit.graph.data import load_split
+
+    def write(doc) -> str:
+        p = tmp_path / "split.json"
+        p.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
+        return str(p)
+
+    tr, va, te = load_split(write({"train": [0, 2, 4], "val": [1], "test": [3, 5]}), 6)
+    assert tr.tolist() == [0, 2, 4] and va.tolist() == [1] and te.tolist() == [3, 5]
+    for doc, match in [
+        ({"train": [0, 1], "val": [1], "test": [2]}, "train and val overlap in 1 graph"),
+        ({"train": [0], "val": [1], "test": [6]}, "position 6 is outside 0..5"),
+        ({"train": [0], "val": [-1], "test": [2]}, "position -1 is outside"),
+        ({"train": [0, 0], "val": [1], "test": [2]}, "lists position 0 twice"),
+        ({"train": [0], "val": [1]}, "'test' must be a non-empty list"),
+        ({"train": [0], "val": [1], "test": [2.5]}, "not an integer"),
+        ("[1, 2]", "must hold an object"),
+        ("{not json", "is not JSON"),
+    ]:
+        with pytest.raises(DataError, match=match):
+            load_split(write(doc), 6)
+    with pytest.raises(DataError, match="cannot read"):
+        load_split(tmp_path / "missing.json", 6)
+
+
+def test_make_task_with_a_split_file(tiny_tu, tmp_path):
+    import json
+
+    from outlierkit.errors import ConfigError
+    from outlierkit.graph.data import DataConfig, make_task
+
+    y = load_tu("TINY", tiny_tu).y
+    pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
+    split = {"train": [*pos[:6], *neg[:20]], "val": [*pos[6:8], *neg[20:25]], "test": [*pos[8:], *neg[25:]]}
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({k: [int(i) for i in v] for k, v in split.items()}))
+    t1 = make_task(DataConfig("TINY", str(tiny_tu), seed=1, split_file=str(p)))
+    t2 = make_task(DataConfig("TINY", str(tiny_tu), seed=2, split_file=str(p)))
+    assert t1.train.tolist() == split["train"] and np.array_equal(t1.test, t2.test)  # the seed leaves it alone
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        make_task(DataConfig("TINY", str(tiny_tu), anomaly_ratio=0.1, split_file=str(p)))
+    p.write_text(json.dumps({"train": [int(i) for i in neg[:20]], "val": [int(pos[0])], "test": [int(pos[1])]}))
+    with pytest.raises(DataError, match="train part holds a single class"):
+        make_task(DataConfig("TINY", str(tiny_tu), split_file=str(p)))
+
+
+@pytest.mark.slow
+def test_shared_datasets_load_without_edge_warnings(shared_tu):
+    for name in ("MUTAG", "NCI1", "AIDS", "COX2", "DHFR", "PROTEINS", "NCI1ds"):
+        if (shared_tu / name).is_dir():
+            assert not [w for w in load_tu(name, shared_tu).warnings if "no edge" in w], name

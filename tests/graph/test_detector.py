@@ -9,16 +9,10 @@ from graph_fixtures import planted_graphs
 
 import outlierkit.graph.baselines  # noqa: F401  (registers every baseline before parametrizing)
 from outlierkit.errors import ConfigError, DataError, ModelLoadError, UnknownNameError
-from outlierkit.graph.bench import DataConfig, make_task, run_one
-from outlierkit.graph.data import pack
-from outlierkit.graph.detector import (
-    DETECTORS,
-    RQGNNDetector,
-    TorchGraphDetector,
-    get_detector,
-    load_detector,
-    make_detector,
-)
+from outlierkit.graph.bench import run_one
+from outlierkit.graph.data import DataConfig, make_task, pack
+from outlierkit.graph.detector import DETECTORS, RQGNNDetector, TorchGraphDetector, load_detector
+from outlierkit.graph.detectors import get_detector, make_detector
 from outlierkit.graph.metrics import roc_auc
 
 FAST = {"epochs": 15, "batch_size": 32}

@@ -82,3 +82,18 @@ def test_planted_anomalies_have_higher_rq(planted):
     packed = pack(graphs)
     rq = rayleigh_quotient(packed.x, packed.edge_index, packed.batch_vector(), packed.num_graphs).mean(1)
     assert rq[y == 1].min() > rq[y == 0].max()
+
+
+def test_sums_run_in_float64_where_float32_cancels():
+    """x^T L x is a difference of two sums of similar size; with a large offset float32 loses every digit."""
+    n = 64
+    ring = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])
+    ei = torch.cat([ring, ring.flip(0)], 1)
+    x = (1000.0 + 0.1 * torch.sin(torch.arange(n, dtype=torch.float64) / 3)).unsqueeze(1).float()  # (n, 1)
+    adj = torch.zeros(n, n, dtype=torch.float64)
+    adj[ei[0], ei[1]] = 1.0
+    for normalize in (False, True):
+        ref = dense_rayleigh_quotient(x.double(), adj, normalize=normalize)
+        got = rayleigh_quotient(x, ei, normalize=normalize)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=0), (normalize, got, ref)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from outlierkit.errors import DataError
+from outlierkit.graph.base import DETECTORS, GraphDetector, Graphs, check_labels
 from outlierkit.graph.data import PackedGraphs, pack
-from outlierkit.graph.detector import DETECTORS, GraphDetector, Graphs, check_labels
 from outlierkit.graph.rayleigh import rayleigh_quotient
 
 
@@ -67,14 +67,16 @@ class RQForestDetector(_FeatureDetector):
             val_y: Any = None) -> RQForestDetector:
         from sklearn.ensemble import RandomForestClassifier
 
+        self._check_params()
         data = pack(graphs, y)
         yt = check_labels(data.y)
         self.n_features_in_ = data.num_features
+        feats = spectral_features(data)
         self.model_ = RandomForestClassifier(
             n_estimators=self.n_estimators, min_samples_leaf=self.min_samples_leaf,
             class_weight="balanced_subsample", random_state=self.seed, n_jobs=1,
-        ).fit(spectral_features(data), yt.numpy())
-        self.threshold_ = 0.5
+        ).fit(feats, yt.numpy())
+        self._set_threshold(np.asarray(self.model_.predict_proba(feats))[:, 1], 0.5)
         return self
 
     def predict_proba(self, graphs: Graphs) -> np.ndarray:
@@ -92,8 +94,8 @@ class RQIsolationForestDetector(_FeatureDetector):
 
     Liu et al., "Isolation Forest", ICDM 2008. Protocol (b) of the field: anomaly labels are only used
     to drop anomalies from training and to set ``threshold_`` at the training anomaly rate (PyOD's
-    contamination rule). Score = ``-score_samples`` (higher = more anomalous); ``predict_proba`` is the
-    score min-max scaled over the training graphs and clipped to [0, 1].
+    contamination rule; ``contamination`` overrides that rate). Score = ``-score_samples`` (higher = more
+    anomalous); ``predict_proba`` is the score min-max scaled over the training graphs and clipped to [0, 1].
 
     Args:
         n_estimators: trees (default: 300).
@@ -112,6 +114,7 @@ class RQIsolationForestDetector(_FeatureDetector):
             val_y: Any = None) -> RQIsolationForestDetector:
         from sklearn.ensemble import IsolationForest
 
+        self._check_params()
         data = pack(graphs, y)
         yt = check_labels(data.y).numpy()
         feats = spectral_features(data)
@@ -121,7 +124,7 @@ class RQIsolationForestDetector(_FeatureDetector):
         self.n_features_in_ = data.num_features
         self.model_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(normal)
         train_scores = -self.model_.score_samples(feats)
-        self.threshold_ = float(np.quantile(train_scores, 1.0 - float(yt.mean())))
+        self._set_threshold(train_scores, float(np.quantile(train_scores, 1.0 - float(yt.mean()))))
         self.score_range_ = (float(train_scores.min()), float(train_scores.max()))
         return self
 

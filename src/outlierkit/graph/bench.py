@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,10 @@ import torch
 
 from outlierkit._utils import log, seed_everything
 from outlierkit.errors import ConfigError
-from outlierkit.graph.data import TUData, downsample_anomalies, load_tu, stratified_split
-from outlierkit.graph.detector import GraphDetector, TorchGraphDetector, get_detector, make_detector
+from outlierkit.graph.base import GraphDetector
+from outlierkit.graph.data import DataConfig, Task, load_tu, make_task
+from outlierkit.graph.detector import RQGNN_BEHAVIOURS, TorchGraphDetector
+from outlierkit.graph.detectors import get_detector, make_detector
 from outlierkit.graph.metrics import auprc, macro_f1, roc_auc
 from outlierkit.report import Report, new_figure, save_figure
 
@@ -24,61 +25,12 @@ from outlierkit.report import Report, new_figure, save_figure
 DEFAULT_RATIOS: dict[str, float | None] = {"NCI1": 0.06}
 DEFAULT_LABELS: dict[str, int | None] = {"NCI1": 1}
 DEFAULT_DATASETS = ("AIDS", "NCI1", "COX2", "DHFR", "PROTEINS", "MUTAG")
-DEFAULT_DETECTORS = ("rqgnn", "rqgnn-code", "gin", "rq_forest", "rq_iforest")
+DEFAULT_DETECTORS = ("rqgnn", "rqgnn-paper", "rqgnn-code", "gin", "rq_forest", "rq_iforest")
 # Bench-only variants of registered detectors.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "rqgnn-code": ("rqgnn", {"train_cheb": False, "rq_normalize": False}),
+    "rqgnn-code": ("rqgnn", RQGNN_BEHAVIOURS["code"]),
+    "rqgnn-paper": ("rqgnn", RQGNN_BEHAVIOURS["paper"]),
 }
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How a TU dataset becomes an anomaly-detection task.
-
-    Args:
-        dataset: TU name (e.g. ``"AIDS"``).
-        data_root: folder holding ``NAME/`` in TU format.
-        anomaly_label: raw graph label of the anomaly class (default: None = minority class).
-        anomaly_ratio: downsample anomalies to this share, seeded (default: None = keep all).
-        use_node_attr: prepend real node attributes to the one-hot labels (default: False).
-        seed: seeds downsampling and the stratified 70/15/15 split (default: 0).
-    """
-
-    dataset: str
-    data_root: str
-    anomaly_label: int | None = None
-    anomaly_ratio: float | None = None
-    use_node_attr: bool = False
-    seed: int = 0
-
-
-@dataclass
-class Task:
-    """A loaded dataset with its (downsampled) index set and train/val/test indices into ``data.graphs``."""
-
-    data: TUData
-    keep: np.ndarray
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    cfg: DataConfig
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def make_task(cfg: DataConfig, data: TUData | None = None) -> Task:
-    """Load (or reuse) the dataset, downsample anomalies if asked, and split 70/15/15 stratified."""
-    if data is None:
-        data = load_tu(cfg.dataset, cfg.data_root, anomaly_label=cfg.anomaly_label,
-                       use_node_attr=cfg.use_node_attr)
-    y = data.y
-    keep = np.arange(y.size)
-    if cfg.anomaly_ratio is not None:
-        keep = downsample_anomalies(y, cfg.anomaly_ratio, cfg.seed)
-    tr, va, te = stratified_split(y[keep], cfg.seed)
-    info = {"graphs": int(keep.size), "anomalies": int(y[keep].sum()),
-            "anomaly_share": float(y[keep].mean()), "anomaly_label": data.spec["anomaly_label"],
-            "features": data.graphs.num_features}
-    return Task(data, keep, keep[tr], keep[va], keep[te], cfg, info)
 
 
 def build(spec: str, overrides: dict[str, Any] | None = None) -> GraphDetector:
@@ -88,6 +40,16 @@ def build(spec: str, overrides: dict[str, Any] | None = None) -> GraphDetector:
     cls = get_detector(name)
     fields = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
     return make_detector(name, **{k: v for k, v in params.items() if k in fields})
+
+
+def _check_override_keys(detectors: list[str], overrides: dict[str, Any]) -> None:
+    """Every override must be a hyperparameter of at least one detector (``build`` drops the others)."""
+    from outlierkit.graph.base import check_param_name
+
+    classes = [get_detector(VARIANTS.get(d, (d, {}))[0]) for d in detectors]
+    for key in overrides:
+        if not any(key in c.param_names() for c in classes):
+            check_param_name(classes[0], key)
 
 
 def run_one(task: Task, det: GraphDetector) -> dict[str, Any]:
@@ -103,16 +65,17 @@ def run_one(task: Task, det: GraphDetector) -> dict[str, Any]:
         s_auc = det.decision_function(test)
         det.use_checkpoint("f1")
         s_f1 = det.decision_function(test)
-        row.update(auc=roc_auc(yt, s_auc), auprc=auprc(yt, s_auc),
-                   macro_f1=macro_f1(yt, (s_f1 > det.threshold_).astype(np.int64)),
+        det.use_checkpoint(det.checkpoint)  # leave the detector scoring as configured
+        p_f1 = (s_f1 > det.threshold_).astype(np.int64)
+        row.update(auc=roc_auc(yt, s_auc), auprc=auprc(yt, s_auc), macro_f1=macro_f1(yt, p_f1),
                    auc_f1ckpt=roc_auc(yt, s_f1), epochs=len(det.history_),
                    best_epoch_auc=det.best_epoch_["auc"], best_epoch_f1=det.best_epoch_["f1"])
-        row["scores"] = s_auc
+        row["scores"], row["preds"] = s_auc, p_f1
     else:
         s = det.decision_function(test)
-        row.update(auc=roc_auc(yt, s), auprc=auprc(yt, s), macro_f1=macro_f1(yt, det.predict(test)),
-                   auc_f1ckpt=math.nan, epochs=0)
-        row["scores"] = s
+        p = (s > det.threshold_).astype(np.int64)
+        row.update(auc=roc_auc(yt, s), auprc=auprc(yt, s), macro_f1=macro_f1(yt, p), auc_f1ckpt=math.nan, epochs=0)
+        row["scores"], row["preds"] = s, p
     return row
 
 
@@ -141,7 +104,9 @@ def quality(
                     "best-validation-AUC checkpoint, Macro-F1 (argmax) from the best-validation-F1 "
                     "checkpoint (GNNs); baselines are one model each",
     })
-    rows, info_rows = [], []
+    _check_override_keys(detectors, overrides or {})
+    rows: list[dict[str, Any]] = []
+    info_rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for ds in datasets:
         data = load_tu(ds, data_root, anomaly_label=DEFAULT_LABELS.get(ds))
@@ -152,8 +117,11 @@ def quality(
             for spec in detectors:
                 seed_everything(seed)
                 det = build(spec, {**(overrides or {}), "seed": seed})
+                done = len(rows)
+                log(f"[{done + 1}/{len(datasets) * len(seeds) * len(detectors)}] {ds} seed {seed} {spec}: fitting")
                 r = run_one(task, det)
                 scores = r.pop("scores")
+                r.pop("preds")
                 if seed == seeds[0]:
                     curves.setdefault(ds, {})[spec] = (task.data.y[task.test], scores)
                 rows.append({"dataset": ds, "detector": spec, "seed": seed, **r})
@@ -269,7 +237,9 @@ def speed(dataset: str, data_root: str, *, ratio: float | None = None, seed: int
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    log(f"timing training epochs ({repeats} repeats each, packed then dense)")
     fast_ep, dense_ep = best(epoch_fast), best(epoch_dense)
+    log(f"timing scoring of {test.num_graphs} graphs ({repeats} repeats each)")
     fast_sc, dense_sc = best(score_fast), best(score_dense)
     report = Report(kind="graph.bench.speed", config={
         "dataset": dataset, "anomaly_ratio": ratio, "seed": seed, "repeats": repeats, "timing": "min over repeats",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from outlierkit.errors import DataError
+from outlierkit.errors import ConfigError, DataError
 
 # Files a TU dataset must have; node labels / attributes are optional (see ``load_tu``).
 _REQUIRED = ("A", "graph_indicator", "graph_labels")
@@ -93,27 +93,33 @@ class PackedGraphs:
 
 
 def pack_edges(
-    x: Tensor, edge_index: Tensor, node_ptr: Tensor, y: Tensor | None = None, *, where: str = "graphs"
+    x: Tensor, edge_index: Tensor, node_ptr: Tensor, y: Tensor | None = None, *, where: str = "graphs",
+    base: int = 0,
 ) -> PackedGraphs:
     """Build ``PackedGraphs`` from global edges: drop self-loops, symmetrise, deduplicate, check locality.
+
+    ``base`` is added to every id in messages: 1 for TU files (their lines, nodes and graphs count from
+    1, so "line 7, node 12" points at the file), 0 for Python positions.
 
     Raises:
         DataError: an edge points outside ``[0, N)`` or joins two different graphs.
     """
     n = int(x.size(0))
     ei = edge_index.long()
+    what = "line" if base else "edge"
     if ei.numel() and (int(ei.min()) < 0 or int(ei.max()) >= n):
         bad = int(((ei < 0) | (ei >= n)).any(0).nonzero()[0])
-        raise DataError(f"{where}: edge {bad} ({int(ei[0, bad])}, {int(ei[1, bad])}) points to a node "
-                        f"outside 0..{n - 1}")
+        raise DataError(f"{where}: {what} {bad + base} ({int(ei[0, bad]) + base}, {int(ei[1, bad]) + base}) "
+                        f"points to a node outside {base}..{n - 1 + base}")
     g_of = torch.repeat_interleave(torch.arange(node_ptr.numel() - 1), node_ptr[1:] - node_ptr[:-1])
     if ei.numel():
         cross = g_of[ei[0]] != g_of[ei[1]]
         if bool(cross.any()):
             k = int(cross.nonzero()[0])
             raise DataError(
-                f"{where}: edge {k} joins node {int(ei[0, k])} (graph {int(g_of[ei[0, k]])}) and node "
-                f"{int(ei[1, k])} (graph {int(g_of[ei[1, k]])}); edges must stay inside one graph"
+                f"{where}: {what} {k + base} joins node {int(ei[0, k]) + base} (graph "
+                f"{int(g_of[ei[0, k]]) + base}) and node {int(ei[1, k]) + base} (graph "
+                f"{int(g_of[ei[1, k]]) + base}); edges must stay inside one graph"
             )
     ei = ei[:, ei[0] != ei[1]]  # self-loops carry no Laplacian information; the code's L ignores them
     ei = torch.cat([ei, ei.flip(0)], 1)  # undirected: both directions, whatever the file listed
@@ -126,15 +132,48 @@ def pack_edges(
     return PackedGraphs(x, ei, node_ptr.long(), edge_ptr, y)
 
 
-def pack(graphs: PackedGraphs | Sequence[Any], y: Any = None) -> PackedGraphs:
-    """Accept ``PackedGraphs`` or a sequence of PyG-like graphs (``.x``, ``.edge_index``); attach ``y``."""
+def as_graph_list(graphs: Any) -> list[Any]:
+    """The single graphs in a sequence of ``Data``, a PyG ``Batch``, a ``Dataset`` or a ``DataLoader``.
+
+    A ``Batch`` (and every mini-batch a ``DataLoader`` yields) is split back into its graphs, so each
+    graph gets its own score, whatever the batching.
+    """
+    if _is_batch(graphs):
+        return list(graphs.to_data_list())
+    if isinstance(graphs, (str, bytes)) or not hasattr(graphs, "__iter__"):
+        raise DataError(f"expected graphs (PackedGraphs, a list of PyG Data, a Batch, a Dataset or a "
+                        f"DataLoader), got {type(graphs).__name__}")
+    out: list[Any] = []
+    for item in graphs:
+        if _is_batch(item):
+            out.extend(item.to_data_list())
+        else:
+            out.append(item)
+    return out
+
+
+def _is_batch(obj: Any) -> bool:
+    return hasattr(obj, "to_data_list") and hasattr(obj, "num_graphs") and hasattr(obj, "batch")
+
+
+def pack(graphs: Any, y: Any = None) -> PackedGraphs:
+    """Pack ``PackedGraphs``, a sequence of PyG-like graphs (``.x``, ``.edge_index``), a PyG ``Batch``,
+    ``Dataset`` or ``DataLoader`` into one ``PackedGraphs``; attach ``y`` (default: each graph's own ``.y``
+    when every graph carries a single label).
+
+    Raises:
+        DataError: no graphs, missing ``.x``/``.edge_index``, mixed feature widths, edges outside a graph,
+            non-finite node features, or a label count that does not match.
+    """
     if isinstance(graphs, PackedGraphs):
         packed = graphs
     else:
+        graphs = as_graph_list(graphs)
         if len(graphs) == 0:
             raise DataError("no graphs given")
         xs, eis, sizes = [], [], []
         offset = 0
+        own_y: list[int] | None = []
         for i, g in enumerate(graphs):
             x = getattr(g, "x", None)
             ei = getattr(g, "edge_index", None)
@@ -143,9 +182,18 @@ def pack(graphs: PackedGraphs | Sequence[Any], y: Any = None) -> PackedGraphs:
             x = torch.as_tensor(x, dtype=torch.float32)
             if x.dim() != 2:
                 raise DataError(f"graph {i}: x must be (num_nodes, num_features), got shape {tuple(x.shape)}")
+            if not bool(torch.isfinite(x).all()):
+                node = int((~torch.isfinite(x)).any(1).nonzero()[0])
+                raise DataError(f"graph {i}: node {node} has a non-finite feature (NaN or inf); clean the node "
+                                "features first")
             ei = torch.as_tensor(ei, dtype=torch.long).reshape(2, -1)
             if ei.numel() and (int(ei.min()) < 0 or int(ei.max()) >= x.size(0)):
                 raise DataError(f"graph {i}: edge_index points outside its {x.size(0)} nodes")
+            gy = getattr(g, "y", None)
+            if own_y is not None and gy is not None and torch.as_tensor(gy).numel() == 1:
+                own_y.append(int(torch.as_tensor(gy).reshape(-1)[0]))
+            else:
+                own_y = None
             xs.append(x)
             eis.append(ei + offset)
             sizes.append(x.size(0))
@@ -156,6 +204,8 @@ def pack(graphs: PackedGraphs | Sequence[Any], y: Any = None) -> PackedGraphs:
         node_ptr = torch.zeros(len(xs) + 1, dtype=torch.long)
         node_ptr[1:] = torch.cumsum(torch.tensor(sizes), 0)
         packed = pack_edges(torch.cat(xs), torch.cat(eis, 1), node_ptr)
+        if y is None and own_y:
+            y = own_y
     if y is not None:
         yt = torch.as_tensor(np.asarray(y)).long().reshape(-1)
         if yt.numel() != packed.num_graphs:
@@ -211,6 +261,15 @@ def _read(path: Path, *, dtype: Any, ncols: int | None = None) -> np.ndarray:
     if ncols is not None and arr.shape[1] != ncols:
         raise DataError(f"{path}: expected {ncols} value(s) per line, found {arr.shape[1]}")
     return arr
+
+
+def _count_lines(path: Path) -> int:
+    """Non-blank lines of a text file."""
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for ln in fh if ln.strip())
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _parses(line: str, dtype: Any, ncols: int | None) -> bool:
@@ -281,7 +340,17 @@ def load_tu(
     a = _read(d / f"{name}_A.txt", dtype=np.int64, ncols=2)
     if a.size and (a.min() < 1 or a.max() > n):
         k = int(np.nonzero((a < 1).any(1) | (a > n).any(1))[0][0])
-        raise DataError(f"{name}_A.txt line {k + 1}: edge {tuple(a[k])} points outside nodes 1..{n}")
+        raise DataError(f"{name}_A.txt line {k + 1}: edge {tuple(int(v) for v in a[k])} points outside nodes "
+                        f"1..{n}")
+    # A cleanly truncated _A.txt parses fine and silently drops the edges of the last graphs: the edge
+    # label/attribute files have one line per A line, so their line counts expose it.
+    for part in ("edge_labels", "edge_attributes"):
+        p = d / f"{name}_{part}.txt"
+        if p.is_file():
+            lines = _count_lines(p)
+            if lines != a.shape[0]:
+                raise DataError(f"{name}_A.txt has {a.shape[0]} edge lines but {p.name} has {lines}; one of them "
+                                "is truncated or padded (they must have one line per edge)")
     feats: list[np.ndarray] = []
     if use_node_attr:
         p = d / f"{name}_node_attributes.txt"
@@ -290,6 +359,10 @@ def load_tu(
         attr = _read(p, dtype=np.float64)
         if attr.shape[0] != n:
             raise DataError(f"{p.name} has {attr.shape[0]} rows for {n} nodes")
+        if not np.isfinite(attr).all():
+            k = int(np.nonzero(~np.isfinite(attr).all(1))[0][0])
+            raise DataError(f"{p} line {k + 1} (node {k + 1}): non-finite value "
+                            f"{attr[k][~np.isfinite(attr[k])][0]}; node attributes must be finite numbers")
         feats.append(attr.astype(np.float32))
     cats: list[int] = []
     if use_node_labels:
@@ -325,7 +398,14 @@ def load_tu(
             raise DataError(f"anomaly_label {anomaly} is not a graph label of {name}; labels are "
                             f"{[int(c) for c in classes]}")
     y = torch.from_numpy((labels == anomaly).astype(np.int64))
-    packed = pack_edges(x, torch.from_numpy(a.T - 1), torch.from_numpy(node_ptr), y, where=f"{name}_A.txt")
+    packed = pack_edges(x, torch.from_numpy(a.T - 1), torch.from_numpy(node_ptr), y, where=f"{name}_A.txt",
+                        base=1)
+    edgeless = ((packed.edge_counts() == 0) & (packed.graph_sizes() > 1)).nonzero().reshape(-1)
+    if edgeless.numel() and packed.edge_index.numel():
+        ids = [int(g) + 1 for g in edgeless[:5]]
+        warnings.append(f"{edgeless.numel()} graph(s) of {name} have several nodes but no edge (graph ids "
+                        f"{ids}{' ...' if edgeless.numel() > 5 else ''}, 1-based) although the set has edges: "
+                        f"is {name}_A.txt truncated?")
     spec = {
         "dataset": name,
         "anomaly_label": anomaly,
@@ -370,3 +450,119 @@ def stratified_split(
             part.append(chunk)
     train, val, test = (rng.permutation(np.concatenate(p)) for p in parts)
     return train, val, test
+
+
+def load_split(path: str | Path, num_graphs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A given split: JSON ``{"train": [...], "val": [...], "test": [...]}`` of 0-based graph positions.
+
+    Raises:
+        DataError: unreadable file, missing or non-integer lists, a position outside ``0..num_graphs-1``,
+            a graph listed twice, or an empty train/val/test part.
+    """
+    import json
+
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"cannot read split file {p}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"split file {p} is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"split file {p} must hold an object with train, val and test lists")
+    parts: list[np.ndarray] = []
+    for key in ("train", "val", "test"):
+        items = doc.get(key)
+        if not isinstance(items, list) or not items:
+            raise DataError(f"split file {p}: {key!r} must be a non-empty list of 0-based graph positions")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise DataError(f"split file {p}: {key!r} holds a value that is not an integer position")
+        arr = np.asarray(items, dtype=np.int64)
+        out = arr[(arr < 0) | (arr >= num_graphs)]
+        if out.size:
+            raise DataError(f"split file {p}: {key!r} position {int(out[0])} is outside 0..{num_graphs - 1} "
+                            f"(the dataset has {num_graphs} graphs; positions are 0-based)")
+        vals, counts = np.unique(arr, return_counts=True)
+        if (counts > 1).any():
+            raise DataError(f"split file {p}: {key!r} lists position {int(vals[counts > 1][0])} twice")
+        parts.append(arr)
+    for (a, ka), (b, kb) in (((parts[0], "train"), (parts[1], "val")), ((parts[0], "train"), (parts[2], "test")),
+                             ((parts[1], "val"), (parts[2], "test"))):
+        both = np.intersect1d(a, b)
+        if both.size:
+            raise DataError(f"split file {p}: {ka} and {kb} overlap in {both.size} graph(s), e.g. position "
+                            f"{int(both[0])}")
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a TU dataset becomes an anomaly-detection task.
+
+    Args:
+        dataset: TU name (e.g. ``"AIDS"``).
+        data_root: folder holding ``NAME/`` in TU format.
+        anomaly_label: raw graph label of the anomaly class (default: None = minority class).
+        anomaly_ratio: downsample anomalies to this share, seeded (default: None = keep all).
+        use_node_attr: prepend real node attributes to the one-hot labels (default: False).
+        seed: seeds downsampling and the stratified 70/15/15 split (default: 0); unused with ``split_file``.
+        split_file: JSON ``{"train": [...], "val": [...], "test": [...]}`` of 0-based graph positions, a
+            given split such as a paper's (default: None = the seeded stratified split).
+    """
+
+    dataset: str
+    data_root: str
+    anomaly_label: int | None = None
+    anomaly_ratio: float | None = None
+    use_node_attr: bool = False
+    seed: int = 0
+    split_file: str | None = None
+
+
+@dataclass
+class Task:
+    """A loaded dataset with its (downsampled) index set and train/val/test indices into ``data.graphs``."""
+
+    data: TUData
+    keep: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    cfg: DataConfig
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def make_task(cfg: DataConfig, data: TUData | None = None) -> Task:
+    """Load (or reuse) the dataset, then take the split of ``split_file`` or downsample anomalies if asked
+    and split 70/15/15 stratified (seeded).
+
+    Raises:
+        DataError: a bad split file (see ``load_split``) or a training part without both classes.
+        ConfigError: ``split_file`` together with ``anomaly_ratio`` (the file names positions as read).
+    """
+    if cfg.split_file is not None and cfg.anomaly_ratio is not None:
+        raise ConfigError("a split file and an anomaly ratio cannot be combined: the split names graph positions "
+                          "of the dataset as read; downsample when building the split instead")
+    if data is None:
+        data = load_tu(cfg.dataset, cfg.data_root, anomaly_label=cfg.anomaly_label,
+                       use_node_attr=cfg.use_node_attr)
+    y = data.y
+    if cfg.split_file is not None:
+        tr, va, te = load_split(cfg.split_file, y.size)
+        keep = np.sort(np.concatenate([tr, va, te]))
+        for part, idx in (("train", tr), ("val", va)):
+            if np.unique(y[idx]).size < 2:
+                raise DataError(f"split file {cfg.split_file}: the {part} part holds a single class; it needs "
+                                "normal and anomalous graphs")
+        info = {"graphs": int(keep.size), "anomalies": int(y[keep].sum()),
+                "anomaly_share": float(y[keep].mean()), "anomaly_label": data.spec["anomaly_label"],
+                "features": data.graphs.num_features, "split": f"file {cfg.split_file}"}
+        return Task(data, keep, tr, va, te, cfg, info)
+    keep = np.arange(y.size)
+    if cfg.anomaly_ratio is not None:
+        keep = downsample_anomalies(y, cfg.anomaly_ratio, cfg.seed)
+    tr, va, te = stratified_split(y[keep], cfg.seed)
+    info = {"graphs": int(keep.size), "anomalies": int(y[keep].sum()),
+            "anomaly_share": float(y[keep].mean()), "anomaly_label": data.spec["anomaly_label"],
+            "features": data.graphs.num_features, "split": f"stratified 70/15/15, seed {cfg.seed}"}
+    return Task(data, keep, keep[tr], keep[va], keep[te], cfg, info)
