@@ -32,8 +32,8 @@ class ChannelStats:
     context: list[dict[str, Any]] = field(default_factory=list)  # attention kwargs per cached batch
 
 
-def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Rows of ``x`` (..., C) that are real tokens: (N, C)."""
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``x`` (..., C) that are real tokens, as float32: (N, C) on ``x``'s device."""
     flat = x.detach().reshape(-1, x.shape[-1])
     if mask is not None and flat.shape[0] == mask.numel():
         flat = flat[mask.reshape(-1).to(flat.device).bool()]
@@ -77,7 +77,7 @@ def collect_input_stats(
             x = args[0]
             if not isinstance(x, torch.Tensor):
                 return
-            rows = _tokens(x, current["mask"])
+            rows = token_rows(x, current["mask"])
             if rows.numel() == 0:
                 return
             st = stats.get(name)

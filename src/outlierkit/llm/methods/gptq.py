@@ -12,6 +12,7 @@ from torch import nn
 
 from outlierkit._utils import HookSet
 from outlierkit.errors import ConfigError, DataError, NumericalError
+from outlierkit.llm.calibrate import token_rows
 from outlierkit.llm.corpus import Batch
 from outlierkit.llm.formats import IntFormat, int_fake_quant, int_qparams, minmax
 from outlierkit.llm.hadamard import OnlineQuantLinear
@@ -188,14 +189,6 @@ def proxy_sqnr_db(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ the method
 
-def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Non-pad rows of ``x`` (..., C) as float32 (N, C)."""
-    flat = x.detach().reshape(-1, x.shape[-1])
-    if mask is not None and flat.shape[0] == mask.numel():
-        flat = flat[mask.reshape(-1).to(flat.device).bool()]
-    return flat.float()
-
-
 @torch.no_grad()
 def block_hessians(model: nn.Module, block: str | None, sites: list[str],
                    batches: list[Batch]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -213,7 +206,7 @@ def block_hessians(model: nn.Module, block: str | None, sites: list[str],
             x = args[0]
             if isinstance(module, OnlineQuantLinear):
                 x = module.transform_input(x)
-            rows = _token_rows(x, current["mask"])  # (N, C) on the layer's device
+            rows = token_rows(x, current["mask"])  # (N, C) on the layer's device
             if name not in sums:
                 sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
             # one batch's X^T X in float32 (as the reference; float64 matmuls are several times slower),
