@@ -193,3 +193,24 @@ def test_recipe_round_trips_on_minilm(spec, tmp_path):
         assert all(float((g - o).abs().max()) < 0.05 * float(o.abs().max()) for g, o in zip(got, ours, strict=True))
     else:
         assert all(torch.equal(g, o) for g, o in zip(got, ours, strict=True)), fmt
+
+
+@pytest.mark.parametrize("weight", ["int4-g32", "int8-channel"])
+@pytest.mark.parametrize("steps", [[{"gptq": {}}], [{"rotate": {}}, {"gptq": {}}]], ids=["gptq", "rotate+gptq"])
+def test_gptq_exports_as_compressed_tensors_and_reloads_exactly(weight, steps, llama, batches, tok, tmp_path):
+    """GPTQ (and QuaRot-style rotate + GPTQ) weight-only models save as compressed-tensors (pack-quantized for
+    4 bits) and transformers reloads the logits outlierkit computed, bit for bit: GPTQ's grid is the deployed
+    grid (its pinned extremes give back every granule's scale on re-derivation)."""
+    recipe = load_recipe({"weight": weight, "steps": steps})
+    recipe.calib = CalibConfig(min_tokens=1)
+    m = copy.deepcopy(llama)
+    quantize_(m, recipe, batches, baseline=False, target="transformers")
+    ours = _logits(m, batches)
+    assert save_quantized(m, tok, tmp_path / "q", recipe_yaml=recipe.to_yaml()) == "compressed-tensors"
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == ("pack-quantized" if weight.startswith("int4") else cfg["format"])
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    got = _logits(back, batches)
+    assert torch.equal(got, ours), f"reload differs by {float((got - ours).abs().max())}"
