@@ -248,6 +248,30 @@ class EvalConfig:
     baselines: tuple[str, ...] = ("topk_margin", "random")
     n_boot: int = 10_000
 
+    def combos(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """HEX(k, s) pairs that fit the seeds decoded per schedule, and those skipped."""
+        S = self.hex.seeds_per_block
+        pairs = [(k, s) for k in self.ks for s in self.seeds_per_schedule]
+        return [p for p in pairs if p[0] * p[1] <= S], [p for p in pairs if p[0] * p[1] > S]
+
+    def check(self) -> None:
+        """Validate everything :func:`evaluate_hex` needs before any decoding (a one-line error if not)."""
+        J = len(self.hex.resolved_schedules())
+        if not self.ks or not self.seeds_per_schedule or min(*self.ks, *self.seeds_per_schedule) < 1:
+            raise ConfigError(f"ks {self.ks} and seeds per schedule {self.seeds_per_schedule} must be positive")
+        for k in self.ks:
+            if k > J:
+                raise ConfigError(f"HEX ensemble size k={k} exceeds the {J} schedules "
+                                  f"{list(self.hex.schedules)}; use k <= {J}")
+        combos, skipped = self.combos()
+        if not combos:
+            raise ConfigError(f"every HEX(k, s) in {skipped} needs k*s <= seeds decoded per schedule "
+                              f"({self.hex.seeds_per_block}) for the same-compute baseline; raise seeds_per_block")
+        if self.baselines:
+            parse_schedules(list(self.baselines), self.hex.gen_length, self.hex.steps)
+        if self.n_boot < 1:
+            raise ConfigError(f"n_boot must be >= 1, got {self.n_boot}")
+
 
 def evaluate_hex(
     model: Denoiser,
@@ -269,15 +293,10 @@ def evaluate_hex(
     n = len(gold)
     if len(prompts) != n or n == 0:
         raise DataError(f"{len(prompts)} prompts but {n} gold answers")
+    config.check()
     pool = hc.resolved_schedules()
     J, S = len(pool), hc.seeds_per_block
-    for k in config.ks:
-        spread_subset(J, k)
-    combos = [(k, s) for k in config.ks for s in config.seeds_per_schedule if k * s <= S]
-    skipped = [(k, s) for k in config.ks for s in config.seeds_per_schedule if k * s > S]
-    if not combos:
-        raise ConfigError(f"every HEX(k, s) in {skipped} needs k*s <= seeds decoded per schedule ({S}) for "
-                          "the same-compute baseline; raise hex.seeds_per_block")
+    combos, skipped = config.combos()
     extra = parse_schedules(list(config.baselines), hc.gen_length, hc.steps) if config.baselines else []
     gold_n = [EXTRACTORS.get(hc.extractor)(g) or g for g in gold]
     rep = Report(kind="diffusion.hex_eval", config=to_dict(config))
@@ -286,11 +305,17 @@ def evaluate_hex(
     t0 = time.perf_counter()
     all_scheds = pool + extra
     greedy_cfg = replace(hc, schedules=tuple(s.label for s in all_scheds), seeds_per_block=1, temperature=0.0)
+    # Progress counts both stages as one run of rows: greedy (every schedule once), then sampled.
+    n_greedy, total = n * len(all_scheds), n * len(all_scheds) + n * J * S
+
+    def stage(offset: int) -> Callable[[int, int], None] | None:
+        return None if on_batch is None else (lambda d, t: on_batch(offset + d, total))
+
     greedy = decode_paths(model, prompts, tokens, greedy_cfg, decode_text, max_context=max_context,
-                          device=device)
+                          device=device, on_batch=stage(0))
     sampled_cfg = replace(hc, schedules=tuple(s.label for s in pool))
     sampled = decode_paths(model, prompts, tokens, sampled_cfg, decode_text, max_context=max_context,
-                           device=device, on_batch=on_batch)
+                           device=device, on_batch=stage(n_greedy))
     rep.metrics["decode_seconds"] = time.perf_counter() - t0
     labels = [s.label for s in all_scheds]
     # ans[i][j][s]: answer of prompt i, schedule j, seed s
