@@ -50,6 +50,15 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _memory(text: str) -> int:
+    from outlierkit.diffusion.sampler import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _warn(message: str) -> None:
     """A warning on the console (stderr), not only in report.md."""
     from outlierkit._utils.log import get_console
@@ -110,7 +119,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="answer extractor: gsm8k, boxed, mc, after_hash (default: tiny after_hash, else gsm8k)")
     p.add_argument("--vote", default="majority", help="vote rule (default: majority)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
-    p.add_argument("--batch-rows", type=_pos_int, default=1024, help="rows per batched decode (default: 1024)")
+    p.add_argument("--batch-rows", type=_pos_int, default=None,
+                   help="rows (prompt x schedule x seed) per batched decode (default: from --max-memory; "
+                        "at most 256 on CPU, where 128-256 rows ran fastest)")
+    p.add_argument("--max-memory", type=_memory, default=None,
+                   help="memory budget of a batched decode, e.g. 40GiB (default: 80%% of free GPU memory, "
+                        "half the available RAM on CPU)")
     p.add_argument("--threads", type=_pos_int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -273,7 +287,7 @@ class _Loaded:
             steps=args.steps if args.steps is not None else max(1, gen // 2), cfg_scale=args.cfg_scale,
             suppress_eos=args.suppress_eos, eos_last=args.eos_last, shift_logits=self.shift,
             extractor=args.extractor or self.extractor_default, vote=args.vote, seed=args.seed,
-            batch_rows=args.batch_rows)
+            batch_rows=args.batch_rows, max_memory=args.max_memory)
 
 
 def _read_jsonl(path: str, n: int) -> tuple[list[str], list[str]]:
@@ -349,7 +363,7 @@ def _eval(args: Any) -> int:
     else:
         raise ConfigError("a Hugging Face model needs --data FILE.jsonl with prompt/answer rows")
     log(f"decoding {len(prompts)} problems: {n_sched} schedules x {hc.seeds_per_block} sampled seeds, plus "
-        f"{n_sched + len(baselines)} greedy decodes; {hc.batch_rows} rows per batch")
+        f"{n_sched + len(baselines)} greedy decodes; {hc.batch_rows or 'auto'} rows per batch")
     rep = evaluate_hex(m.model, prompts, gold, m.tokens, cfg, m.decode, max_context=m.max_context,
                        device=m.device, on_batch=lambda d, t: log(f"paths {d}/{t}"))
     rep.config["model"] = args.model or "bundled tiny pointer-chase-k"

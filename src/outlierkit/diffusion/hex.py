@@ -37,7 +37,10 @@ class HexConfig:
         extractor: registered answer extractor (default: ``"gsm8k"``).
         vote: registered vote rule (default: ``"majority"``).
         seed: base seed; path seeds derive from (seed, prompt, schedule, seed index) (default: 0).
-        batch_rows: most rows (prompt x schedule x seed) per batched decode, bounds memory (default: 256).
+        batch_rows: rows (prompt x schedule x seed) per batched decode (default: None: chosen from
+            ``max_memory`` by :func:`~outlierkit.diffusion.sampler.auto_batch_rows`, at most 256 on CPU).
+        max_memory: memory budget in bytes for a batched decode (default: None: 80% of free GPU memory,
+            half the available RAM on CPU).
     """
 
     schedules: tuple[str, ...] = ("8", "16", "32", "64", "128")
@@ -52,13 +55,16 @@ class HexConfig:
     extractor: str = "gsm8k"
     vote: str = "majority"
     seed: int = 0
-    batch_rows: int = 256
+    batch_rows: int | None = None
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.seeds_per_block < 1:
             raise ConfigError(f"seeds_per_block must be >= 1, got {self.seeds_per_block}")
-        if self.batch_rows < 1:
+        if self.batch_rows is not None and self.batch_rows < 1:
             raise ConfigError(f"batch_rows must be >= 1, got {self.batch_rows}")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise ConfigError(f"max_memory must be positive, got {self.max_memory}")
         EXTRACTORS.get(self.extractor)
         VOTES.get(self.vote)
         self.resolved_schedules()
@@ -150,9 +156,10 @@ def decode_paths(
             for s in range(config.seeds_per_block)]
     base = config.sampler_config(schedules[0])
     extract = EXTRACTORS.get(config.extractor)
+    step = config.batch_rows or _auto_rows(model, ids, mask, tokens, config, len(rows))
     out: list[PathRecord] = []
-    for lo in range(0, len(rows), config.batch_rows):
-        chunk = rows[lo:lo + config.batch_rows]
+    for lo in range(0, len(rows), step):
+        chunk = rows[lo:lo + step]
         pi = torch.tensor([r[0] for r in chunk], device=ids.device)
         seeds = [path_seed(config.seed, i, j, s) for i, j, s in chunk]
         res = generate(
@@ -167,8 +174,30 @@ def decode_paths(
             out.append(PathRecord(i, schedules[j].label, schedules[j].block_length, schedules[j].remasking,
                                   s, seed, text, extract(text), res.nfe))
         if on_batch is not None:
-            on_batch(min(lo + config.batch_rows, len(rows)), len(rows))
+            on_batch(min(lo + step, len(rows)), len(rows))
     return out
+
+
+def _auto_rows(model: Denoiser, ids: torch.Tensor, mask: torch.Tensor | None, tokens: TokenSpec,
+               config: HexConfig, n_rows: int) -> int:
+    """Rows per batch from the memory budget; one 1-row forward learns the vocabulary and logits dtype."""
+    from outlierkit._utils.log import log
+    from outlierkit.diffusion.sampler import auto_batch_rows, logits_of, memory_budget
+
+    G = config.gen_length
+    canvas = torch.cat([ids[:1], torch.full((1, G), tokens.mask_id, dtype=ids.dtype, device=ids.device)], 1)
+    with torch.no_grad():
+        am = None if mask is None else torch.cat([mask[:1], torch.ones(1, G, dtype=mask.dtype,
+                                                                       device=mask.device)], 1)
+        probe = logits_of(model(canvas, attention_mask=am) if am is not None else model(canvas))
+    V, nbytes = probe.shape[-1], probe.element_size()
+    budget = config.max_memory if config.max_memory is not None else memory_budget(ids.device)
+    rows = auto_batch_rows(canvas.shape[1], V, nbytes, device=ids.device, cfg=config.cfg_scale > 0,
+                           max_memory=budget)
+    if n_rows > rows:
+        log(f"{rows} rows per batch (memory budget {budget / 2**30:.1f} GiB, {canvas.shape[1]} positions x "
+            f"{V} tokens per row)")
+    return rows
 
 
 def vote_paths(paths: Sequence[PathRecord], n_prompts: int, vote: str = "majority") -> list[VoteResult]:
