@@ -81,6 +81,7 @@ CASES = [
     (["eval", "--data", "{X}"], "expected a JSON object", _bad_jsonl),
     (["eval", "--baselines", "nope"], "nope", None),
     (["eval", "--max-memory", "lots"], "not understood", None),
+    (["eval", "--dev", "-1"], "--dev must be >= 0", None),
     (["eval", "--max-memory", "1KiB"], "below one row", None),
     (["generate", "--prompt", PROMPT, "--batch-rows", "0"], "--batch-rows: must be >= 1", None),
     (["train-tiny", "--task", "nope"], "nope", None),

@@ -40,6 +40,14 @@ def test_eval_defaults_but_n(tmp_path, capsys, monkeypatch):
     assert "paths" in err and "decoding 4 problems" in err  # progress on the console
 
 
+def test_eval_dev_split(tmp_path):
+    out = tmp_path / "d"
+    assert main(["hex", "eval", "-n", "3", "--dev", "2", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["metrics"]["n_problems"] == 3 and rep["metrics"]["n_dev"] == 2
+    assert {r["best_chosen_on"] for r in rep["tables"]["hex"]} == {"dev"}
+
+
 def test_default_ks_fit_any_pool():
     assert hex_cli.default_ks(4) == (3, 4) and hex_cli.default_ks(5) == (3, 5) and hex_cli.default_ks(2) == (2,)
 

@@ -72,6 +72,7 @@ PROMPT_FORMATS: dict[str, str] = {
     "pointer-chase-k": "'3817450926;4+6=' (f(0)..f(9) as 10 digits ';' start digit '+' hops 4..8 '=')",
     "parity-chain": "4..12 bits then '=', e.g. '0110='",
     "pointer-chase": "'3817450926;4=' (f(0)..f(9) as 10 digits ';' start digit '=')",
+    "exit-walk": "'3817450926;4=' (f(0)..f(9) as 10 digits ';' start digit '=')",
 }
 
 
@@ -152,7 +153,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--task", default=None,
                    help="tiny task for held-out problems; must be the checkpoint's own (default: the checkpoint's)")
     e.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} (for HF models)')
-    e.add_argument("-n", "--n", type=_pos_int, default=1000, help="problems (default: 1000)")
+    e.add_argument("-n", "--n", type=_pos_int, default=1000, help="test problems (default: 1000)")
+    e.add_argument("--dev", type=int, default=0,
+                   help="problems of a separate dev split (drawn before the -n test problems, disjoint from "
+                        "them) on which the best single schedule is chosen; 0 picks it in hindsight on the "
+                        "test problems (default: 0)")
     e.add_argument("--seeds-per-block", type=_pos_int, default=6,
                    help="sampled paths decoded per schedule; must be >= k*s (default: 6)")
     e.add_argument("--ks", type=_ints, default=None,
@@ -344,21 +349,26 @@ def _eval(args: Any) -> int:
     hc = m.hex_config(args, args.seeds_per_block)
     n_sched = len(hc.schedules)
     baselines = tuple(b for b in args.baselines.split(",") if b.strip())
+    if args.dev < 0:
+        raise ConfigError(f"--dev must be >= 0, got {args.dev}")
     cfg = EvalConfig(hex=hc, ks=args.ks if args.ks is not None else default_ks(n_sched),
-                     seeds_per_schedule=args.hex_seeds, baselines=baselines)
+                     seeds_per_schedule=args.hex_seeds, baselines=baselines, dev_size=args.dev)
     cfg.check()
-    _check_eval_size(args.n, n_sched * (hc.seeds_per_block + 1) + len(baselines))
+    total = args.n + args.dev
+    _check_eval_size(total, n_sched * (hc.seeds_per_block + 1) + len(baselines))
     if args.task is not None and not m.tiny:
         raise ConfigError("--task picks a tiny model's held-out problems; a Hugging Face model needs --data")
     if args.task is not None and args.task != m.task.name:
         raise ConfigError(f"--task {args.task} does not match the checkpoint, which was trained on "
                           f"{m.task.name}; its answers would score 0%. Leave --task out or pass {m.task.name}")
     if args.data:
-        texts, gold = _read_jsonl(args.data, args.n)
+        texts, gold = _read_jsonl(args.data, total)
+        if len(texts) <= args.dev:
+            raise DataError(f"{args.data} holds {len(texts)} problems; --dev {args.dev} leaves none to test")
         prompts: list[Any] = [m.encode(t, args.chat) for t in texts]
     elif m.tiny:
-        log(f"drawing {args.n} held-out {m.task.name} problems")
-        probs = m.task.heldout(args.n)
+        log(f"drawing {total} held-out {m.task.name} problems ({args.dev} dev + {args.n} test)")
+        probs = m.task.heldout(total)
         prompts, gold = [list(p.prompt_ids) for p in probs], [p.answer for p in probs]
     else:
         raise ConfigError("a Hugging Face model needs --data FILE.jsonl with prompt/answer rows")

@@ -269,6 +269,10 @@ class EvalConfig:
         baselines: schedules decoded greedily alongside, not part of HEX
             (default: ``("topk_margin", "random")``).
         n_boot: bootstrap resamples (default: 10000).
+        dev_size: the first ``dev_size`` problems form a dev split on which the best single schedule (at
+            each path budget) and the best greedy schedule are chosen; every accuracy and CI is then
+            reported on the remaining problems only. 0 picks the best single in hindsight on the test
+            problems themselves (optimistic for the baseline) (default: 0).
     """
 
     hex: HexConfig = field(default_factory=HexConfig)
@@ -276,6 +280,7 @@ class EvalConfig:
     seeds_per_schedule: tuple[int, ...] = (1, 3)
     baselines: tuple[str, ...] = ("topk_margin", "random")
     n_boot: int = 10_000
+    dev_size: int = 0
 
     def combos(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """HEX(k, s) pairs that fit the seeds decoded per schedule, and those skipped."""
@@ -300,6 +305,8 @@ class EvalConfig:
             parse_schedules(list(self.baselines), self.hex.gen_length, self.hex.steps)
         if self.n_boot < 1:
             raise ConfigError(f"n_boot must be >= 1, got {self.n_boot}")
+        if self.dev_size < 0:
+            raise ConfigError(f"dev_size must be >= 0, got {self.dev_size}")
 
 
 def evaluate_hex(
@@ -322,6 +329,9 @@ def evaluate_hex(
     n = len(gold)
     if len(prompts) != n or n == 0:
         raise DataError(f"{len(prompts)} prompts but {n} gold answers")
+    if config.dev_size >= n:
+        raise ConfigError(f"dev split of {config.dev_size} leaves no test problems out of {n}")
+    dv, te = np.arange(config.dev_size), np.arange(config.dev_size, n)  # dev / test problem indices
     config.check()
     pool = hc.resolved_schedules()
     J, S = len(pool), hc.seeds_per_block
@@ -372,20 +382,20 @@ def evaluate_hex(
         greedy_ok[lab] = g_ok
         row: dict[str, Any] = {
             "schedule": lab, "block": blk[lab], "remasking": all_scheds[j].remasking,
-            "greedy_acc": 100 * g_ok.mean(),
-            "greedy_no_answer": 100 * np.mean([g_ans[i][j] is None for i in range(n)]),
+            "greedy_acc": 100 * g_ok[te].mean(),
+            "greedy_no_answer": 100 * np.mean([g_ans[i][j] is None for i in te]),
         }
         sched_rows.append(row)
         if j >= J:  # baselines are decoded greedily only
             continue
-        paths_ok = np.array([[ans[i][j][s] == gold_n[i] for s in range(S)] for i in range(n)])
+        paths_ok = np.array([[ans[i][j][s] == gold_n[i] for s in range(S)] for i in te])
         row["mean_path_acc"] = 100 * paths_ok.mean()
-        row["path_no_answer"] = 100 * np.mean([[a is None for a in ans[i][j]] for i in range(n)])
+        row["path_no_answer"] = 100 * np.mean([[a is None for a in ans[i][j]] for i in te])
         row[f"pass@{S}"] = 100 * paths_ok.any(1).mean()
         for b in budgets:
             ok = correct([vote(i, [(j, s) for s in range(b)]).answer for i in range(n)])
             single_vote_ok[(lab, b)] = ok
-            row[f"vote{b}_acc"] = 100 * ok.mean()
+            row[f"vote{b}_acc"] = 100 * ok[te].mean()
     rep.add_table("schedules", sched_rows)
 
     hex_rows: list[dict[str, Any]] = []
@@ -396,18 +406,23 @@ def evaluate_hex(
         ok = correct([v.answer for v in votes])
         b = k * s
         singles = {labels[j]: single_vote_ok[(labels[j], b)] for j in range(J)}
-        best_lab = max(singles, key=lambda lab: singles[lab].mean())
-        med = statistics.median(float(v.mean()) for v in singles.values())
-        d, lo, hi = paired_bootstrap(ok, singles[best_lab], config.n_boot, seed=hc.seed)
-        best_greedy = max((labels[j] for j in range(J)), key=lambda lab: greedy_ok[lab].mean())
-        dg, glo, ghi = paired_bootstrap(ok, greedy_ok[best_greedy], config.n_boot, seed=hc.seed)
+        pick = dv if len(dv) else te  # choose on dev; without one, in hindsight on test
+        best_lab = max(singles, key=lambda lab: singles[lab][pick].mean())
+        hindsight = max(singles, key=lambda lab: singles[lab][te].mean())
+        med = statistics.median(float(v[te].mean()) for v in singles.values())
+        d, lo, hi = paired_bootstrap(ok[te], singles[best_lab][te], config.n_boot, seed=hc.seed)
+        best_greedy = max((labels[j] for j in range(J)), key=lambda lab: greedy_ok[lab][pick].mean())
+        dg, glo, ghi = paired_bootstrap(ok[te], greedy_ok[best_greedy][te], config.n_boot, seed=hc.seed)
         hex_rows.append({
             "k": k, "s": s, "paths": b, "schedules": "+".join(labels[j] for j in idx),
-            "hex_acc": 100 * ok.mean(),
-            "tie_rate": 100 * np.mean([v.tie for v in votes]),
-            "no_answer": 100 * np.mean([v.answer is None for v in votes]),
+            "hex_acc": 100 * ok[te].mean(),
+            "tie_rate": 100 * np.mean([votes[i].tie for i in te]),
+            "no_answer": 100 * np.mean([votes[i].answer is None for i in te]),
+            "best_chosen_on": "dev" if len(dv) else "test (hindsight)",
             "best_single_same_compute": best_lab,
-            "best_single_acc": 100 * singles[best_lab].mean(),
+            "best_single_acc": 100 * singles[best_lab][te].mean(),
+            "hindsight_best_single": hindsight,
+            "hindsight_best_single_acc": 100 * singles[hindsight][te].mean(),
             "median_single_acc": 100 * med,
             "hex_minus_best": 100 * d, "ci_lo": 100 * lo, "ci_hi": 100 * hi,
             "best_greedy": best_greedy,
@@ -420,7 +435,7 @@ def evaluate_hex(
     for a in labels[:J]:
         row = {"schedule": a}
         for b2 in labels[:J]:
-            ea, eb = ~greedy_ok[a], ~greedy_ok[b2]
+            ea, eb = ~greedy_ok[a][te], ~greedy_ok[b2][te]
             union = (ea | eb).sum()
             row[b2] = float((ea & eb).sum() / union) if union else 1.0
         overlap.append(row)
@@ -431,7 +446,7 @@ def evaluate_hex(
         k_max, s_max = max(combos)
         idx = spread_subset(J, k_max)
         examples = []
-        for i in range(min(n, 10)):
+        for i in te[:10].tolist():
             v = vote(i, [(j, t) for j in idx for t in range(s_max)])
             row2: dict[str, Any] = {"problem": i, "gold": gold_n[i]}
             for j in idx:
@@ -442,7 +457,8 @@ def evaluate_hex(
         rep.add_table("examples", examples)
         top = max(hex_rows, key=lambda r: (r["paths"], r["k"]))
         rep.metrics.update({
-            "n_problems": n, "hex_acc": top["hex_acc"], "hex_k": top["k"], "hex_paths": top["paths"],
+            "n_problems": len(te), "n_dev": len(dv), "hex_acc": top["hex_acc"], "hex_k": top["k"],
+            "hex_paths": top["paths"],
             "best_single_same_compute_acc": top["best_single_acc"], "hex_minus_best": top["hex_minus_best"],
             "hex_minus_best_ci_lo": top["ci_lo"], "hex_minus_best_ci_hi": top["ci_hi"],
         })

@@ -316,6 +316,72 @@ class PointerChaseK(PointerChase):
     show_hops: bool = True
 
 
+@TASKS.register("exit-walk")
+@dataclass(frozen=True)
+class ExitWalk(PointerChase):
+    """Walk a random function on digits from ``s`` until the walk reaches the exit node 0; answer = hops.
+
+    Prompt ``<bos> f(0..9) ; s =``; response ``s1 .. sj #### j <eos>...`` where ``sj = 0`` is the walk's first
+    visit to 0 and ``j`` is drawn uniformly from ``min_hops..max_hops`` (the walk is planted through distinct
+    non-zero digits; the other entries of ``f`` are random). Unlike :class:`PointerChaseK`, the answer's
+    length (``j + 5`` tokens, then EOS padding) is not stated in the prompt: it is decided by the
+    computation, so a decoder that commits ``####``, the count or EOS before the walk is done (large blocks,
+    several tokens per step) gets the length, and so the answer, wrong - the variable-length/EOS failure mode
+    of the HEX paper, which fixed-length answers cannot show. Built for issue 12's HEX testbed.
+
+    Args:
+        min_hops: shortest walk (default: 2). max_hops: longest walk, at most 9 (default: 9).
+        gen_length: response length, EOS-padded (default: 16). holdout_mod (default: 4).
+    """
+
+    name: str = "exit-walk"
+    min_hops: int = 2
+    max_hops: int = 9
+    prompt_len: int = 14
+    gen_length: int = 16
+    holdout_mod: int = 4
+    default_schedules: tuple[str, ...] = ("2", "4", "8", "16")
+    show_hops: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_hops <= self.max_hops <= 9 or self.gen_length < self.max_hops + 5:
+            raise ConfigError(f"exit-walk: need 1 <= min_hops <= max_hops <= 9 and gen_length >= max_hops + 5, "
+                              f"got {self}")
+
+    def _draw(self, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = torch.randint(0, 10, (m, 10), generator=gen)  # (m, 10)
+        k = torch.randint(self.min_hops, self.max_hops + 1, (m,), generator=gen)  # (m,) hops to the exit
+        walk = torch.rand(m, 9, generator=gen).argsort(1) + 1  # (m, 9) distinct non-zero digits
+        rows = torch.arange(m)
+        for i in range(self.max_hops):  # plant s=walk[0] -> walk[1] -> ... -> walk[k-1] -> 0
+            live = i < k
+            nxt = torch.where(i + 1 < k, walk[:, min(i + 1, 8)], 0)
+            f[rows[live], walk[live, i]] = nxt[live]
+        return f, walk[:, 0], k
+
+    def _encode(self, f: torch.Tensor, start: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, d0 = f.shape[0], _INDEX["0"]
+        prompts = torch.full((m, self.prompt_len), PAD)
+        prompts[:, 0] = BOS
+        prompts[:, 1:11] = f + d0
+        prompts[:, 11] = _INDEX[";"]
+        prompts[:, 12] = start + d0
+        prompts[:, 13] = _INDEX["="]
+        nodes = torch.empty(m, self.max_hops, dtype=torch.long)
+        cur = start
+        for j in range(self.max_hops):
+            cur = f.gather(1, cur[:, None]).squeeze(1)
+            nodes[:, j] = cur
+        rows = torch.arange(m)
+        live = torch.arange(self.max_hops)[None, :] < k[:, None]
+        resps = torch.full((m, self.gen_length), EOS)
+        resps[:, :self.max_hops] = torch.where(live, nodes + d0, EOS)
+        for j in range(4):
+            resps[rows, k + j] = _INDEX["#"]
+        resps[rows, k + 4] = k + d0  # the hop count
+        return prompts, resps
+
+
 def _holdout_hash(k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """A fixed integer hash of (length, bit value) deciding the held-out split (vectorised)."""
     h = (value * 0x9E3779B1 + k * 0x85EBCA6B) & 0xFFFFFFFF
