@@ -40,6 +40,14 @@ def test_eval_defaults_but_n(tmp_path, capsys, monkeypatch):
     assert "paths" in err and "decoding 4 problems" in err  # progress on the console
 
 
+def test_bundled_exit_walk_by_name(capsys):
+    """Issue 12's testbed ships next to the default checkpoint and is picked by name."""
+    model, task, meta = load_tiny(BUNDLED.parent / "exit-walk")
+    assert task.name == "exit-walk" and "command" in meta and sum(p.numel() for p in model.parameters()) < 750_000
+    assert main(["hex", "generate", "--model", "exit-walk", "--prompt", "3817450926;4=", "--temperature", "0"]) == 0
+    assert "vote:" in capsys.readouterr().out
+
+
 def test_eval_dev_split(tmp_path):
     out = tmp_path / "d"
     assert main(["hex", "eval", "-n", "3", "--dev", "2", "--out", str(out)]) == 0

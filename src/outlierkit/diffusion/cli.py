@@ -99,7 +99,8 @@ def _prompt_help() -> str:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="tiny checkpoint dir or Hugging Face model dir (default: the bundled tiny model)")
+                   help="tiny checkpoint dir, a bundled tiny checkpoint by name (pointer-chase-k, exit-walk), or "
+                        "a Hugging Face model dir (default: the bundled pointer-chase-k)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a Hugging Face model's own code (LLaDA/Dream need it; off by default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
@@ -235,12 +236,13 @@ class _Loaded:
         import torch
 
         from outlierkit._utils import resolve_device, resolve_dtype
-        from outlierkit.diffusion.tiny import MASK, TINY_TOKENS, decode, is_tiny_dir, load_tiny
+        from outlierkit.diffusion.tiny import MASK, TINY_TOKENS, decode, is_tiny_dir, load_tiny, resolve_checkpoint
 
         if args.threads:
             torch.set_num_threads(args.threads)
         self.decode: Any
-        self.tiny = args.model is None or is_tiny_dir(args.model)
+        tiny_path = resolve_checkpoint(args.model) if args.model is not None else None
+        self.tiny = tiny_path is None or is_tiny_dir(tiny_path)
         if self.tiny:
             # Options of the HF path either apply to the tiny model too (device, dtype) or are refused:
             # nothing is silently ignored.
@@ -251,7 +253,7 @@ class _Loaded:
                 raise ConfigError(f"--mask-id {args.mask_id} does not apply: the tiny model's mask id is {MASK}")
             if args.trust_remote_code:
                 _warn("--trust-remote-code has no effect on the tiny model (it ships no code)")
-            self.model, self.task, _ = load_tiny(args.model)
+            self.model, self.task, _ = load_tiny(tiny_path)
             dev = resolve_device(args.device)
             self.model.to(device=dev, dtype=resolve_dtype(args.dtype, dev))
             self.tokens = TINY_TOKENS

@@ -581,7 +581,18 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
 
 # ----------------------------------------------------------------------------------------- save / load
 
-BUNDLED = Path(__file__).parent / "checkpoints" / "pointer-chase-k"
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+#: The default checkpoint; ``exit-walk`` (issue 12's HEX testbed) is bundled next to it.
+BUNDLED = CHECKPOINTS / "pointer-chase-k"
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    """A directory as given, or a bundled checkpoint by name (``pointer-chase-k``, ``exit-walk``) when no such
+    path exists."""
+    p = Path(path_or_name)
+    if not p.exists() and (CHECKPOINTS / str(path_or_name) / "config.json").is_file():
+        return CHECKPOINTS / str(path_or_name)
+    return p
 
 
 def save_tiny(model: TinyMDM, task: Task, out_dir: str | Path, meta: dict[str, Any] | None = None) -> None:
