@@ -2,7 +2,10 @@
 
 Usage:
     python bench/hex_quality.py --out runs/hex_quality [--n 1000] [--steps 12] [--schedules 2,4,6,12,24]
-        [--seeds-per-block 10] [--ks 3,5] [--hex-seeds 1,2] [--threads 1] [--model DIR]
+        [--seeds-per-block 10] [--ks 3,5] [--hex-seeds 1,2] [--threads 1] [--model DIR] [--dev 0]
+
+With ``--dev N`` the best single schedule is chosen on N separate held-out problems and every figure is
+reported on the ``--n`` test problems only.
 
 Prints Markdown tables (paste into BENCHMARKS.md) and writes report.json/report.md/accuracy.png to --out.
 """
@@ -19,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="tiny checkpoint dir (default: bundled)")
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--dev", type=int, default=0, help="dev problems for choosing the best single (default: 0)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--schedules", default="2,4,6,12,24")
     ap.add_argument("--seeds-per-block", type=int, default=10)
@@ -41,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     from outlierkit.report import markdown_table
 
     model, task, meta = load_tiny(args.model)
-    probs = task.heldout(args.n)
+    probs = task.heldout(args.dev + args.n)  # the first --dev are the dev split
     hc = HexConfig(schedules=tuple(args.schedules.split(",")), seeds_per_block=args.seeds_per_block,
                    temperature=args.temperature, gen_length=task.gen_length, steps=args.steps,
                    extractor="after_hash", seed=args.seed, batch_rows=256)
     cfg = EvalConfig(hex=hc, ks=tuple(int(k) for k in args.ks.split(",")),
                      seeds_per_schedule=tuple(int(s) for s in args.hex_seeds.split(",")),
-                     baselines=tuple(b for b in args.baselines.split(",") if b))
+                     baselines=tuple(b for b in args.baselines.split(",") if b), dev_size=args.dev)
     t0 = time.perf_counter()
     rep = evaluate_hex(model, [list(p.prompt_ids) for p in probs], [p.answer for p in probs], TINY_TOKENS, cfg,
                        decode, max_context=model.config.max_len)
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         _plot_eval(rep, stage)
         rep.save(stage)
     tok_per_step = task.gen_length // args.steps
-    print(f"## HEX quality: tiny {task.name}, n={args.n} held-out, gen {task.gen_length}, {args.steps} steps "
+    print(f"## HEX quality: tiny {task.name}, n={args.n} held-out test (+{args.dev} dev), "
+          f"gen {task.gen_length}, {args.steps} steps "
           f"({tok_per_step} tokens/step), T={args.temperature}, {args.threads} thread(s), "
           f"{rep.metrics['wall_seconds']:.0f} s\n")
     print("### Each schedule (accuracy %)\n")

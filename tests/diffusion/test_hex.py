@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,31 @@ def test_evaluate_hex_matches_hex_generate_and_is_consistent():
     with pytest.raises(ConfigError, match="k\\*s"):
         evaluate_hex(oracle, prompts, gold, TINY_TOKENS, EvalConfig(hex=hc, ks=(3,), seeds_per_schedule=(2,)),
                      decode)
+
+
+def test_best_single_is_chosen_on_the_dev_split_and_scored_on_test():
+    """Issue 12: the best single schedule used to be picked in hindsight on the test problems."""
+    prompts, gold = prompts_of(40)
+    oracle = FlawedParityOracle()
+    # temperature 0: every seed of a schedule decodes the same path, so each schedule's same-compute vote is
+    # its greedy answer and can be recomputed below with one decode per schedule
+    hc = HexConfig(schedules=("2", "12", "24"), seeds_per_block=3, temperature=0.0, batch_rows=512, **TINY)
+    cfg = EvalConfig(hex=hc, ks=(3,), seeds_per_schedule=(1,), baselines=(), n_boot=200, dev_size=15)
+    rep = evaluate_hex(oracle, prompts, gold, TINY_TOKENS, cfg, decode)
+    assert rep.metrics["n_problems"] == 25 and rep.metrics["n_dev"] == 15
+    row = rep.tables["hex"][0]
+    assert row["best_chosen_on"] == "dev"
+    per = {}
+    for lab in ("b2", "b12", "b24"):
+        one = replace(hc, schedules=(lab[1:],), seeds_per_block=1)
+        res = hex_generate(oracle, prompts, TINY_TOKENS, one, decode)
+        per[lab] = np.array([a == g for a, g in zip(res.answers, gold, strict=True)])
+    dev_best = max(per, key=lambda lab: per[lab][:15].mean())
+    assert row["best_single_same_compute"] == dev_best
+    assert row["best_single_acc"] == pytest.approx(100 * per[dev_best][15:].mean())
+    assert row["hindsight_best_single_acc"] == pytest.approx(max(100 * v[15:].mean() for v in per.values()))
+    with pytest.raises(ConfigError, match="leaves no test problems"):
+        evaluate_hex(oracle, prompts, gold, TINY_TOKENS, replace(cfg, dev_size=40), decode)
 
 
 def test_no_answer_paths_abstain():

@@ -57,7 +57,7 @@ def test_load_local_masked_lm_and_sample(tmp_path):
     assert all(len(p.text.split()) == 8 and set(p.text.split()) <= set(WORDS) for p in res.paths)
     assert len({p.text for p in res.paths}) > 1  # seeds and schedules matter
     pad = len(prompts[0]) - len(prompts[1])
-    assert seen[0] is not None and seen[0][-1, :pad].eq(0).all() and seen[0][-1, pad:].eq(1).all()
+    assert seen[-1] is not None and seen[-1][-1, :pad].eq(0).all() and seen[-1][-1, pad:].eq(1).all()
     # rows stay independent under left padding: the padded row alone gives the same tokens
     ids, mask = pad_prompts(prompts, lm.tokens)
     cfg0 = SamplerConfig(gen_length=8, steps=4, block_length=4)

@@ -134,18 +134,18 @@ def test_eos_held_back_by_score_not_candidate():
 
 
 def test_score_rules_on_hand_built_probs():
-    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]])
-    cand = torch.tensor([[0, 1]])
-    lc = REMASKING.get("low_confidence")(probs, cand, [None])
-    mg = REMASKING.get("margin")(probs, cand, [None])
-    en = REMASKING.get("entropy")(probs, cand, [None])
-    assert torch.allclose(lc, torch.tensor([[0.7, 0.35]]))
-    assert torch.allclose(mg, torch.tensor([[0.5, 0.05]]))
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]])  # (N, V)
+    cand = torch.tensor([0, 1])
+    u = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    lc = REMASKING.get("low_confidence")(probs, cand, u)
+    mg = REMASKING.get("margin")(probs, cand, u)
+    en = REMASKING.get("entropy")(probs, cand, u)
+    assert torch.allclose(lc, torch.tensor([0.7, 0.35]))
+    assert torch.allclose(mg, torch.tensor([0.5, 0.05]))
     h = -(probs * probs.log()).sum(-1)
     assert torch.allclose(en, -h)
-    r1 = REMASKING.get("random")(probs, cand, [torch.Generator().manual_seed(3)])
-    r2 = REMASKING.get("random")(probs, cand, [torch.Generator().manual_seed(3)])
-    assert torch.equal(r1, r2) and r1.shape == (1, 2)
+    r = REMASKING.get("random")(probs, cand, u)
+    assert r.dtype == torch.float32 and r.device == cand.device and torch.allclose(r, u.float())
 
 
 def test_margin_rule_picks_a_different_order_than_confidence():

@@ -3,21 +3,104 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 from outlierkit.errors import ConfigError, DataError
+
+#: Decoded paths whose records an eval may keep in memory, per GiB of RAM (a PathRecord with its
+#: short text is about 1 KiB in CPython); ``-n`` beyond that is refused before anything is allocated.
+_PATHS_PER_GIB = 1 << 20
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line ``outlierkit: error: ...``, exit 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"outlierkit: error: {self.prog}: {' '.join(message.split())}\n")
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return vals
+
+
+def _pos_int(text: str) -> int:
+    """An integer >= 1 (``0`` used to fall back silently to the default)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _memory(text: str) -> int:
+    from outlierkit.diffusion.sampler import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _warn(message: str) -> None:
+    """A warning on the console (stderr), not only in report.md."""
+    from outlierkit._utils.log import get_console
+
+    get_console().print(f"[yellow]outlierkit: warning:[/yellow] {message}")
+
+
+#: ``hex generate --prompt`` formats of the tiny tasks, spelled out here so that ``--help`` needs no torch
+#: import; a test checks them against each task's ``prompt_format()``.
+PROMPT_FORMATS: dict[str, str] = {
+    "pointer-chase-k": "'3817450926;4+6=' (f(0)..f(9) as 10 digits ';' start digit '+' hops 4..8 '=')",
+    "parity-chain": "4..12 bits then '=', e.g. '0110='",
+    "pointer-chase": "'3817450926;4=' (f(0)..f(9) as 10 digits ';' start digit '=')",
+    "exit-walk": "'3817450926;4=' (f(0)..f(9) as 10 digits ';' start digit '=')",
+}
+
+
+def _check_out(out: str, force: bool) -> None:
+    """``check_output`` plus a writable parent, so a bad ``--out`` fails before any work, in one line."""
+    import os
+    from pathlib import Path
+
+    from outlierkit._utils.io import check_output
+
+    check_output(out, force=force)
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out {out}: {parent} is not a writable directory")
+
+
+def _prompt_help() -> str:
+    forms = "; ".join(f"{name}: {form}" for name, form in PROMPT_FORMATS.items())
+    return ("prompt text (repeatable). A tiny model takes its task's format - " + forms
+            + ". A Hugging Face model takes plain text (--chat applies the tokenizer's chat template)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="tiny checkpoint dir or Hugging Face model dir (default: the bundled tiny model)")
+                   help="tiny checkpoint dir, a bundled tiny checkpoint by name (pointer-chase-k, exit-walk), or "
+                        "a Hugging Face model dir (default: the bundled pointer-chase-k)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a Hugging Face model's own code (LLaDA/Dream need it; off by default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
@@ -27,31 +110,40 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedules", default=None,
                    help="block sizes or names, comma-separated: '8,16,32', '8:margin', 'topk_margin', "
                         "'random', 'full' (default: the tiny task's, else 8,16,32,64,128)")
-    p.add_argument("--temperature", type=float, default=0.9, help="Gumbel temperature (default: 0.9)")
-    p.add_argument("--gen-length", type=int, default=None, help="answer length (default: tiny task's, else 256)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length / 2)")
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default: 0)")
+    p.add_argument("--temperature", type=_nonneg_float, default=0.9, help="Gumbel temperature (default: 0.9)")
+    p.add_argument("--gen-length", type=_pos_int, default=None,
+                   help="answer length (default: tiny task's, else 256)")
+    p.add_argument("--steps", type=_pos_int, default=None, help="denoising steps (default: gen-length / 2)")
+    p.add_argument("--cfg-scale", type=_nonneg_float, default=0.0, help="classifier-free guidance (default: 0)")
     p.add_argument("--eos-last", action="store_true", help="commit EOS/EoT last (held back by score)")
     p.add_argument("--suppress-eos", action="store_true", help="never propose EOS/EoT")
     p.add_argument("--extractor", default=None,
                    help="answer extractor: gsm8k, boxed, mc, after_hash (default: tiny after_hash, else gsm8k)")
     p.add_argument("--vote", default="majority", help="vote rule (default: majority)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
-    p.add_argument("--batch-rows", type=int, default=1024, help="rows per batched decode (default: 1024)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--batch-rows", type=_pos_int, default=None,
+                   help="rows (prompt x schedule x seed) per batched decode (default: from --max-memory; "
+                        "at most 256 on CPU, where 128-256 rows ran fastest)")
+    p.add_argument("--max-memory", type=_memory, default=None,
+                   help="memory budget of a batched decode, e.g. 40GiB (default: 80%% of free GPU memory, "
+                        "half the available RAM on CPU)")
+    p.add_argument("--threads", type=_pos_int, default=None, help="torch threads (default: torch's choice)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{train-tiny,eval,generate}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{train-tiny,eval,generate}",
+                                parser_class=_OneLineParser)
     t = sub.add_parser("train-tiny", help="train the tiny masked-diffusion model on a synthetic task")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
-    t.add_argument("--task", default="pointer-chase", help="registered tiny task (default: pointer-chase)")
-    t.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
-    t.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    t.add_argument("--task", default="pointer-chase-k",
+                   help="registered tiny task: pointer-chase-k, parity-chain, or pointer-chase (hides the hop "
+                        "count, so answers are ambiguous; kept to reproduce that finding) (default: pointer-chase-k)")
+    t.add_argument("--steps", type=_pos_int, default=2000, help="optimizer steps (default: 2000)")
+    t.add_argument("--batch-size", type=_pos_int, default=128, help="batch size (default: 128)")
+    t.add_argument("--lr", type=_nonneg_float, default=2e-3, help="peak learning rate (default: 2e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(200, steps/10))")
+    t.add_argument("--threads", type=_pos_int, default=1, help="torch threads (default: 1)")
+    t.add_argument("--warmup", type=_pos_int, default=None, help="warm-up steps (default: min(200, steps/10))")
     t.add_argument("--init-from", default=None, help="continue from this tiny checkpoint (fresh optimizer)")
     t.add_argument("--prefix-frac", type=float, default=0.0,
                    help="share of rows with a visible answer prefix (semi-AR masking; default: 0)")
@@ -59,12 +151,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     e = sub.add_parser("eval", help="accuracy of each schedule, same-compute votes and HEX, with paired CIs")
     _model_args(e)
-    e.add_argument("--task", default=None, help="tiny task for held-out problems (default: the checkpoint's)")
+    e.add_argument("--task", default=None,
+                   help="tiny task for held-out problems; must be the checkpoint's own (default: the checkpoint's)")
     e.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} (for HF models)')
-    e.add_argument("-n", "--n", type=int, default=1000, help="problems (default: 1000)")
-    e.add_argument("--seeds-per-block", type=int, default=6,
+    e.add_argument("-n", "--n", type=_pos_int, default=1000, help="test problems (default: 1000)")
+    e.add_argument("--dev", type=int, default=0,
+                   help="problems of a separate dev split (drawn before the -n test problems, disjoint from "
+                        "them) on which the best single schedule is chosen; 0 picks it in hindsight on the "
+                        "test problems (default: 0)")
+    e.add_argument("--seeds-per-block", type=_pos_int, default=6,
                    help="sampled paths decoded per schedule; must be >= k*s (default: 6)")
-    e.add_argument("--ks", type=_ints, default=(3, 5), help="HEX ensemble sizes k (default: 3,5)")
+    e.add_argument("--ks", type=_ints, default=None,
+                   help="HEX ensemble sizes k, each <= the number of schedules "
+                        "(default: 3 and all schedules, e.g. 3,4 for the tiny task's 4)")
     e.add_argument("--hex-seeds", type=_ints, default=(1,), help="HEX seeds per schedule s (default: 1)")
     e.add_argument("--baselines", default="topk_margin,random",
                    help="schedules decoded greedily as baselines (default: topk_margin,random)")
@@ -73,8 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = sub.add_parser("generate", help="decode prompts with HEX (or one schedule) and show every path")
     _model_args(g)
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    g.add_argument("--seeds-per-block", type=int, default=1, help="paths per schedule (default: 1)")
+    g.add_argument("--prompt", action="append", required=True, help=_prompt_help())
+    g.add_argument("--seeds-per-block", type=_pos_int, default=1, help="paths per schedule (default: 1)")
     g.add_argument("--out", default=None, help="optional report directory")
     g.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -94,14 +193,17 @@ def _train(args: Any) -> int:
     from outlierkit._utils import staged_output
     from outlierkit._utils.log import log
     from outlierkit.config import to_dict
-    from outlierkit.diffusion.tiny import TrainConfig, save_tiny, train_tiny
+    from outlierkit.diffusion.tiny import TrainConfig, check_init_from, make_task, save_tiny, train_tiny
     from outlierkit.report import Report, new_figure, save_figure
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise ConfigError("--steps and --batch-size must be positive")
+    _check_out(args.out, args.force)
+    make_task(args.task)  # an unknown task fails here, listing the valid ones, before any work
     cfg = TrainConfig(task=args.task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, threads=args.threads, init_from=args.init_from, prefix_frac=args.prefix_frac,
                       warmup=args.warmup if args.warmup is not None else min(200, max(1, args.steps // 10)))
+    check_init_from(cfg)
+    log(f"training the tiny model on {cfg.task}: {cfg.steps} steps of {cfg.batch_size}, "
+        f"{cfg.threads} thread(s); a loss line every 100 steps")
     with staged_output(args.out, force=args.force) as stage:
         model, task, hist = train_tiny(cfg, on_log=lambda s, l: log(f"step {s}/{cfg.steps} loss {l:.4f}"))
         meta: dict[str, Any] = {"train_config": to_dict(cfg),
@@ -133,19 +235,32 @@ class _Loaded:
     def __init__(self, args: Any) -> None:
         import torch
 
-        from outlierkit.diffusion.tiny import TINY_TOKENS, decode, is_tiny_dir, load_tiny
+        from outlierkit._utils import resolve_device, resolve_dtype
+        from outlierkit.diffusion.tiny import MASK, TINY_TOKENS, decode, is_tiny_dir, load_tiny, resolve_checkpoint
 
         if args.threads:
             torch.set_num_threads(args.threads)
         self.decode: Any
-        self.tiny = args.model is None or is_tiny_dir(args.model)
+        tiny_path = resolve_checkpoint(args.model) if args.model is not None else None
+        self.tiny = tiny_path is None or is_tiny_dir(tiny_path)
         if self.tiny:
-            self.model, self.task, _ = load_tiny(args.model)
+            # Options of the HF path either apply to the tiny model too (device, dtype) or are refused:
+            # nothing is silently ignored.
+            if args.chat:
+                raise ConfigError("--chat needs a tokenizer with a chat template; the tiny model has none "
+                                  "(write prompts in its task's format, see `outlierkit hex generate --help`)")
+            if args.mask_id is not None and args.mask_id != MASK:
+                raise ConfigError(f"--mask-id {args.mask_id} does not apply: the tiny model's mask id is {MASK}")
+            if args.trust_remote_code:
+                _warn("--trust-remote-code has no effect on the tiny model (it ships no code)")
+            self.model, self.task, _ = load_tiny(tiny_path)
+            dev = resolve_device(args.device)
+            self.model.to(device=dev, dtype=resolve_dtype(args.dtype, dev))
             self.tokens = TINY_TOKENS
             self.decode = decode
             self.max_context: int | None = self.model.config.max_len
             self.shift = False
-            self.device: Any = None
+            self.device: Any = dev
             self.gen_default, self.sched_default, self.extractor_default = (
                 self.task.gen_length, ",".join(self.task.default_schedules), "after_hash")
         else:
@@ -176,9 +291,10 @@ class _Loaded:
         return HexConfig(
             schedules=tuple((self.sched_default if args.schedules is None else args.schedules).split(",")),
             seeds_per_block=seeds_per_block, temperature=args.temperature, gen_length=gen,
-            steps=args.steps or max(1, gen // 2), cfg_scale=args.cfg_scale, suppress_eos=args.suppress_eos,
-            eos_last=args.eos_last, shift_logits=self.shift, extractor=args.extractor or self.extractor_default,
-            vote=args.vote, seed=args.seed, batch_rows=args.batch_rows)
+            steps=args.steps if args.steps is not None else max(1, gen // 2), cfg_scale=args.cfg_scale,
+            suppress_eos=args.suppress_eos, eos_last=args.eos_last, shift_logits=self.shift,
+            extractor=args.extractor or self.extractor_default, vote=args.vote, seed=args.seed,
+            batch_rows=args.batch_rows, max_memory=args.max_memory)
 
 
 def _read_jsonl(path: str, n: int) -> tuple[list[str], list[str]]:
@@ -205,31 +321,66 @@ def _read_jsonl(path: str, n: int) -> tuple[list[str], list[str]]:
     return prompts, answers
 
 
+def default_ks(n_schedules: int) -> tuple[int, ...]:
+    """HEX ensemble sizes when ``--ks`` is not given: 3 schedules (spread over the pool) and all of them."""
+    return tuple(sorted({min(3, n_schedules), n_schedules}))
+
+
+def _check_eval_size(n: int, paths_per_problem: int) -> None:
+    """Refuse an ``-n`` whose path records cannot fit in memory, before anything is allocated."""
+    import os
+
+    try:
+        gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest machine
+        gib = 16.0
+    limit = int(gib / 2 * _PATHS_PER_GIB)
+    if n * paths_per_problem > limit:
+        raise ConfigError(f"-n {n} needs {n * paths_per_problem:,} decoded paths ({paths_per_problem} per "
+                          f"problem), more than this machine's memory ({gib:.0f} GiB) holds; use at most "
+                          f"-n {max(1, limit // paths_per_problem):,}")
+
+
 def _eval(args: Any) -> int:
     from outlierkit._utils import staged_output
-    from outlierkit._utils.io import check_output
     from outlierkit._utils.log import log
     from outlierkit.diffusion.hex import EvalConfig, evaluate_hex
-    from outlierkit.diffusion.tiny import make_task
 
-    check_output(args.out, force=args.force)
+    _check_out(args.out, args.force)
     m = _Loaded(args)
     hc = m.hex_config(args, args.seeds_per_block)
+    n_sched = len(hc.schedules)
+    baselines = tuple(b for b in args.baselines.split(",") if b.strip())
+    if args.dev < 0:
+        raise ConfigError(f"--dev must be >= 0, got {args.dev}")
+    cfg = EvalConfig(hex=hc, ks=args.ks if args.ks is not None else default_ks(n_sched),
+                     seeds_per_schedule=args.hex_seeds, baselines=baselines, dev_size=args.dev)
+    cfg.check()
+    total = args.n + args.dev
+    _check_eval_size(total, n_sched * (hc.seeds_per_block + 1) + len(baselines))
+    if args.task is not None and not m.tiny:
+        raise ConfigError("--task picks a tiny model's held-out problems; a Hugging Face model needs --data")
+    if args.task is not None and args.task != m.task.name:
+        raise ConfigError(f"--task {args.task} does not match the checkpoint, which was trained on "
+                          f"{m.task.name}; its answers would score 0%. Leave --task out or pass {m.task.name}")
     if args.data:
-        texts, gold = _read_jsonl(args.data, args.n)
+        texts, gold = _read_jsonl(args.data, total)
+        if len(texts) <= args.dev:
+            raise DataError(f"{args.data} holds {len(texts)} problems; --dev {args.dev} leaves none to test")
         prompts: list[Any] = [m.encode(t, args.chat) for t in texts]
     elif m.tiny:
-        task = make_task(args.task) if args.task else m.task
-        probs = task.heldout(args.n)
+        log(f"drawing {total} held-out {m.task.name} problems ({args.dev} dev + {args.n} test)")
+        probs = m.task.heldout(total)
         prompts, gold = [list(p.prompt_ids) for p in probs], [p.answer for p in probs]
     else:
         raise ConfigError("a Hugging Face model needs --data FILE.jsonl with prompt/answer rows")
-    cfg = EvalConfig(hex=hc, ks=args.ks, seeds_per_schedule=args.hex_seeds,
-                     baselines=tuple(b for b in args.baselines.split(",") if b.strip()))
-    log(f"decoding {len(prompts)} problems x {len(hc.schedules)} schedules x {hc.seeds_per_block} seeds")
+    log(f"decoding {len(prompts)} problems: {n_sched} schedules x {hc.seeds_per_block} sampled seeds, plus "
+        f"{n_sched + len(baselines)} greedy decodes; {hc.batch_rows or 'auto'} rows per batch")
     rep = evaluate_hex(m.model, prompts, gold, m.tokens, cfg, m.decode, max_context=m.max_context,
                        device=m.device, on_batch=lambda d, t: log(f"paths {d}/{t}"))
     rep.config["model"] = args.model or "bundled tiny pointer-chase-k"
+    for w in rep.warnings:
+        _warn(w)
     with staged_output(args.out, force=args.force) as stage:
         _plot_eval(rep, stage)
         rep.save(stage)
@@ -270,16 +421,19 @@ def _generate(args: Any) -> int:
     import torch
 
     from outlierkit._utils import staged_output
-    from outlierkit._utils.io import check_output
+    from outlierkit._utils.log import log
     from outlierkit.diffusion.hex import hex_generate
     from outlierkit.report import Report
 
     if args.out:
-        check_output(args.out, force=args.force)
+        _check_out(args.out, args.force)
     m = _Loaded(args)
     hc = m.hex_config(args, args.seeds_per_block)
     prompts = [m.encode(t, args.chat) for t in args.prompt]
-    res = hex_generate(m.model, prompts, m.tokens, hc, m.decode, max_context=m.max_context, device=m.device)
+    log(f"decoding {len(prompts)} prompt(s) x {len(hc.schedules)} schedule(s) x {hc.seeds_per_block} seed(s), "
+        f"{hc.steps} steps each")
+    res = hex_generate(m.model, prompts, m.tokens, hc, m.decode, max_context=m.max_context, device=m.device,
+                       on_batch=lambda d, t: log(f"paths {d}/{t}"))
     rows = []
     for i, text in enumerate(args.prompt):
         print(f"prompt {i}: {text}")

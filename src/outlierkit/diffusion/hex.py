@@ -37,7 +37,10 @@ class HexConfig:
         extractor: registered answer extractor (default: ``"gsm8k"``).
         vote: registered vote rule (default: ``"majority"``).
         seed: base seed; path seeds derive from (seed, prompt, schedule, seed index) (default: 0).
-        batch_rows: most rows (prompt x schedule x seed) per batched decode, bounds memory (default: 256).
+        batch_rows: rows (prompt x schedule x seed) per batched decode (default: None: chosen from
+            ``max_memory`` by :func:`~outlierkit.diffusion.sampler.auto_batch_rows`, at most 256 on CPU).
+        max_memory: memory budget in bytes for a batched decode (default: None: 80% of free GPU memory,
+            half the available RAM on CPU).
     """
 
     schedules: tuple[str, ...] = ("8", "16", "32", "64", "128")
@@ -52,13 +55,16 @@ class HexConfig:
     extractor: str = "gsm8k"
     vote: str = "majority"
     seed: int = 0
-    batch_rows: int = 256
+    batch_rows: int | None = None
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.seeds_per_block < 1:
             raise ConfigError(f"seeds_per_block must be >= 1, got {self.seeds_per_block}")
-        if self.batch_rows < 1:
+        if self.batch_rows is not None and self.batch_rows < 1:
             raise ConfigError(f"batch_rows must be >= 1, got {self.batch_rows}")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise ConfigError(f"max_memory must be positive, got {self.max_memory}")
         EXTRACTORS.get(self.extractor)
         VOTES.get(self.vote)
         self.resolved_schedules()
@@ -150,9 +156,10 @@ def decode_paths(
             for s in range(config.seeds_per_block)]
     base = config.sampler_config(schedules[0])
     extract = EXTRACTORS.get(config.extractor)
+    step = config.batch_rows or _auto_rows(model, ids, mask, tokens, config, len(rows))
     out: list[PathRecord] = []
-    for lo in range(0, len(rows), config.batch_rows):
-        chunk = rows[lo:lo + config.batch_rows]
+    for lo in range(0, len(rows), step):
+        chunk = rows[lo:lo + step]
         pi = torch.tensor([r[0] for r in chunk], device=ids.device)
         seeds = [path_seed(config.seed, i, j, s) for i, j, s in chunk]
         res = generate(
@@ -167,8 +174,30 @@ def decode_paths(
             out.append(PathRecord(i, schedules[j].label, schedules[j].block_length, schedules[j].remasking,
                                   s, seed, text, extract(text), res.nfe))
         if on_batch is not None:
-            on_batch(min(lo + config.batch_rows, len(rows)), len(rows))
+            on_batch(min(lo + step, len(rows)), len(rows))
     return out
+
+
+def _auto_rows(model: Denoiser, ids: torch.Tensor, mask: torch.Tensor | None, tokens: TokenSpec,
+               config: HexConfig, n_rows: int) -> int:
+    """Rows per batch from the memory budget; one 1-row forward learns the vocabulary and logits dtype."""
+    from outlierkit._utils.log import log
+    from outlierkit.diffusion.sampler import auto_batch_rows, logits_of, memory_budget
+
+    G = config.gen_length
+    canvas = torch.cat([ids[:1], torch.full((1, G), tokens.mask_id, dtype=ids.dtype, device=ids.device)], 1)
+    with torch.no_grad():
+        am = None if mask is None else torch.cat([mask[:1], torch.ones(1, G, dtype=mask.dtype,
+                                                                       device=mask.device)], 1)
+        probe = logits_of(model(canvas, attention_mask=am) if am is not None else model(canvas))
+    V, nbytes = probe.shape[-1], probe.element_size()
+    budget = config.max_memory if config.max_memory is not None else memory_budget(ids.device)
+    rows = auto_batch_rows(canvas.shape[1], V, nbytes, device=ids.device, cfg=config.cfg_scale > 0,
+                           max_memory=budget)
+    if n_rows > rows:
+        log(f"{rows} rows per batch (memory budget {budget / 2**30:.1f} GiB, {canvas.shape[1]} positions x "
+            f"{V} tokens per row)")
+    return rows
 
 
 def vote_paths(paths: Sequence[PathRecord], n_prompts: int, vote: str = "majority") -> list[VoteResult]:
@@ -240,6 +269,10 @@ class EvalConfig:
         baselines: schedules decoded greedily alongside, not part of HEX
             (default: ``("topk_margin", "random")``).
         n_boot: bootstrap resamples (default: 10000).
+        dev_size: the first ``dev_size`` problems form a dev split on which the best single schedule (at
+            each path budget) and the best greedy schedule are chosen; every accuracy and CI is then
+            reported on the remaining problems only. 0 picks the best single in hindsight on the test
+            problems themselves (optimistic for the baseline) (default: 0).
     """
 
     hex: HexConfig = field(default_factory=HexConfig)
@@ -247,6 +280,33 @@ class EvalConfig:
     seeds_per_schedule: tuple[int, ...] = (1, 3)
     baselines: tuple[str, ...] = ("topk_margin", "random")
     n_boot: int = 10_000
+    dev_size: int = 0
+
+    def combos(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """HEX(k, s) pairs that fit the seeds decoded per schedule, and those skipped."""
+        S = self.hex.seeds_per_block
+        pairs = [(k, s) for k in self.ks for s in self.seeds_per_schedule]
+        return [p for p in pairs if p[0] * p[1] <= S], [p for p in pairs if p[0] * p[1] > S]
+
+    def check(self) -> None:
+        """Validate everything :func:`evaluate_hex` needs before any decoding (a one-line error if not)."""
+        J = len(self.hex.resolved_schedules())
+        if not self.ks or not self.seeds_per_schedule or min(*self.ks, *self.seeds_per_schedule) < 1:
+            raise ConfigError(f"ks {self.ks} and seeds per schedule {self.seeds_per_schedule} must be positive")
+        for k in self.ks:
+            if k > J:
+                raise ConfigError(f"HEX ensemble size k={k} exceeds the {J} schedules "
+                                  f"{list(self.hex.schedules)}; use k <= {J}")
+        combos, skipped = self.combos()
+        if not combos:
+            raise ConfigError(f"every HEX(k, s) in {skipped} needs k*s <= seeds decoded per schedule "
+                              f"({self.hex.seeds_per_block}) for the same-compute baseline; raise seeds_per_block")
+        if self.baselines:
+            parse_schedules(list(self.baselines), self.hex.gen_length, self.hex.steps)
+        if self.n_boot < 1:
+            raise ConfigError(f"n_boot must be >= 1, got {self.n_boot}")
+        if self.dev_size < 0:
+            raise ConfigError(f"dev_size must be >= 0, got {self.dev_size}")
 
 
 def evaluate_hex(
@@ -269,15 +329,13 @@ def evaluate_hex(
     n = len(gold)
     if len(prompts) != n or n == 0:
         raise DataError(f"{len(prompts)} prompts but {n} gold answers")
+    if config.dev_size >= n:
+        raise ConfigError(f"dev split of {config.dev_size} leaves no test problems out of {n}")
+    dv, te = np.arange(config.dev_size), np.arange(config.dev_size, n)  # dev / test problem indices
+    config.check()
     pool = hc.resolved_schedules()
     J, S = len(pool), hc.seeds_per_block
-    for k in config.ks:
-        spread_subset(J, k)
-    combos = [(k, s) for k in config.ks for s in config.seeds_per_schedule if k * s <= S]
-    skipped = [(k, s) for k in config.ks for s in config.seeds_per_schedule if k * s > S]
-    if not combos:
-        raise ConfigError(f"every HEX(k, s) in {skipped} needs k*s <= seeds decoded per schedule ({S}) for "
-                          "the same-compute baseline; raise hex.seeds_per_block")
+    combos, skipped = config.combos()
     extra = parse_schedules(list(config.baselines), hc.gen_length, hc.steps) if config.baselines else []
     gold_n = [EXTRACTORS.get(hc.extractor)(g) or g for g in gold]
     rep = Report(kind="diffusion.hex_eval", config=to_dict(config))
@@ -286,11 +344,17 @@ def evaluate_hex(
     t0 = time.perf_counter()
     all_scheds = pool + extra
     greedy_cfg = replace(hc, schedules=tuple(s.label for s in all_scheds), seeds_per_block=1, temperature=0.0)
+    # Progress counts both stages as one run of rows: greedy (every schedule once), then sampled.
+    n_greedy, total = n * len(all_scheds), n * len(all_scheds) + n * J * S
+
+    def stage(offset: int) -> Callable[[int, int], None] | None:
+        return None if on_batch is None else (lambda d, t: on_batch(offset + d, total))
+
     greedy = decode_paths(model, prompts, tokens, greedy_cfg, decode_text, max_context=max_context,
-                          device=device)
+                          device=device, on_batch=stage(0))
     sampled_cfg = replace(hc, schedules=tuple(s.label for s in pool))
     sampled = decode_paths(model, prompts, tokens, sampled_cfg, decode_text, max_context=max_context,
-                           device=device, on_batch=on_batch)
+                           device=device, on_batch=stage(n_greedy))
     rep.metrics["decode_seconds"] = time.perf_counter() - t0
     labels = [s.label for s in all_scheds]
     # ans[i][j][s]: answer of prompt i, schedule j, seed s
@@ -318,20 +382,20 @@ def evaluate_hex(
         greedy_ok[lab] = g_ok
         row: dict[str, Any] = {
             "schedule": lab, "block": blk[lab], "remasking": all_scheds[j].remasking,
-            "greedy_acc": 100 * g_ok.mean(),
-            "greedy_no_answer": 100 * np.mean([g_ans[i][j] is None for i in range(n)]),
+            "greedy_acc": 100 * g_ok[te].mean(),
+            "greedy_no_answer": 100 * np.mean([g_ans[i][j] is None for i in te]),
         }
         sched_rows.append(row)
         if j >= J:  # baselines are decoded greedily only
             continue
-        paths_ok = np.array([[ans[i][j][s] == gold_n[i] for s in range(S)] for i in range(n)])
+        paths_ok = np.array([[ans[i][j][s] == gold_n[i] for s in range(S)] for i in te])
         row["mean_path_acc"] = 100 * paths_ok.mean()
-        row["path_no_answer"] = 100 * np.mean([[a is None for a in ans[i][j]] for i in range(n)])
+        row["path_no_answer"] = 100 * np.mean([[a is None for a in ans[i][j]] for i in te])
         row[f"pass@{S}"] = 100 * paths_ok.any(1).mean()
         for b in budgets:
             ok = correct([vote(i, [(j, s) for s in range(b)]).answer for i in range(n)])
             single_vote_ok[(lab, b)] = ok
-            row[f"vote{b}_acc"] = 100 * ok.mean()
+            row[f"vote{b}_acc"] = 100 * ok[te].mean()
     rep.add_table("schedules", sched_rows)
 
     hex_rows: list[dict[str, Any]] = []
@@ -342,18 +406,23 @@ def evaluate_hex(
         ok = correct([v.answer for v in votes])
         b = k * s
         singles = {labels[j]: single_vote_ok[(labels[j], b)] for j in range(J)}
-        best_lab = max(singles, key=lambda lab: singles[lab].mean())
-        med = statistics.median(float(v.mean()) for v in singles.values())
-        d, lo, hi = paired_bootstrap(ok, singles[best_lab], config.n_boot, seed=hc.seed)
-        best_greedy = max((labels[j] for j in range(J)), key=lambda lab: greedy_ok[lab].mean())
-        dg, glo, ghi = paired_bootstrap(ok, greedy_ok[best_greedy], config.n_boot, seed=hc.seed)
+        pick = dv if len(dv) else te  # choose on dev; without one, in hindsight on test
+        best_lab = max(singles, key=lambda lab: singles[lab][pick].mean())
+        hindsight = max(singles, key=lambda lab: singles[lab][te].mean())
+        med = statistics.median(float(v[te].mean()) for v in singles.values())
+        d, lo, hi = paired_bootstrap(ok[te], singles[best_lab][te], config.n_boot, seed=hc.seed)
+        best_greedy = max((labels[j] for j in range(J)), key=lambda lab: greedy_ok[lab][pick].mean())
+        dg, glo, ghi = paired_bootstrap(ok[te], greedy_ok[best_greedy][te], config.n_boot, seed=hc.seed)
         hex_rows.append({
             "k": k, "s": s, "paths": b, "schedules": "+".join(labels[j] for j in idx),
-            "hex_acc": 100 * ok.mean(),
-            "tie_rate": 100 * np.mean([v.tie for v in votes]),
-            "no_answer": 100 * np.mean([v.answer is None for v in votes]),
+            "hex_acc": 100 * ok[te].mean(),
+            "tie_rate": 100 * np.mean([votes[i].tie for i in te]),
+            "no_answer": 100 * np.mean([votes[i].answer is None for i in te]),
+            "best_chosen_on": "dev" if len(dv) else "test (hindsight)",
             "best_single_same_compute": best_lab,
-            "best_single_acc": 100 * singles[best_lab].mean(),
+            "best_single_acc": 100 * singles[best_lab][te].mean(),
+            "hindsight_best_single": hindsight,
+            "hindsight_best_single_acc": 100 * singles[hindsight][te].mean(),
             "median_single_acc": 100 * med,
             "hex_minus_best": 100 * d, "ci_lo": 100 * lo, "ci_hi": 100 * hi,
             "best_greedy": best_greedy,
@@ -366,7 +435,7 @@ def evaluate_hex(
     for a in labels[:J]:
         row = {"schedule": a}
         for b2 in labels[:J]:
-            ea, eb = ~greedy_ok[a], ~greedy_ok[b2]
+            ea, eb = ~greedy_ok[a][te], ~greedy_ok[b2][te]
             union = (ea | eb).sum()
             row[b2] = float((ea & eb).sum() / union) if union else 1.0
         overlap.append(row)
@@ -377,7 +446,7 @@ def evaluate_hex(
         k_max, s_max = max(combos)
         idx = spread_subset(J, k_max)
         examples = []
-        for i in range(min(n, 10)):
+        for i in te[:10].tolist():
             v = vote(i, [(j, t) for j in idx for t in range(s_max)])
             row2: dict[str, Any] = {"problem": i, "gold": gold_n[i]}
             for j in idx:
@@ -388,7 +457,8 @@ def evaluate_hex(
         rep.add_table("examples", examples)
         top = max(hex_rows, key=lambda r: (r["paths"], r["k"]))
         rep.metrics.update({
-            "n_problems": n, "hex_acc": top["hex_acc"], "hex_k": top["k"], "hex_paths": top["paths"],
+            "n_problems": len(te), "n_dev": len(dv), "hex_acc": top["hex_acc"], "hex_k": top["k"],
+            "hex_paths": top["paths"],
             "best_single_same_compute_acc": top["best_single_acc"], "hex_minus_best": top["hex_minus_best"],
             "hex_minus_best_ci_lo": top["ci_lo"], "hex_minus_best_ci_hi": top["ci_hi"],
         })

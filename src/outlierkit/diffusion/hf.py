@@ -93,6 +93,7 @@ def load_hf_model(
         raise ModelLoadError(f"{p} has no config.json; pass a Hugging Face model directory")
     try:
         import transformers
+        from safetensors import SafetensorError
     except ImportError:  # pragma: no cover
         raise ModelLoadError("transformers is not installed; pip install 'outlierkit[diffusion]'") from None
     dev = resolve_device(device)
@@ -100,8 +101,9 @@ def load_hf_model(
     kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     try:
         config = transformers.AutoConfig.from_pretrained(p, **kw)
-    except ValueError as e:
-        hint = "" if trust_remote_code else " (if the model ships its own code, pass --trust-remote-code)"
+    except (OSError, ValueError) as e:  # OSError: config.json is not valid JSON
+        hint = "" if trust_remote_code or isinstance(e, OSError) else \
+            " (if the model ships its own code, pass --trust-remote-code)"
         raise ModelLoadError(f"cannot read the config in {p}: {str(e).splitlines()[0]}{hint}") from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(p, **kw)
@@ -113,8 +115,8 @@ def load_hf_model(
         try:
             model = auto.from_pretrained(p, dtype=torch_dtype, **kw)
             break
-        except (OSError, ValueError, KeyError) as e:
-            errors.append(f"{auto.__name__}: {str(e).splitlines()[0]}")
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # corrupt weights included
+            errors.append(f"{auto.__name__}: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
     if model is None:
         raise ModelLoadError(f"cannot load a model from {p}: {'; '.join(errors)}")
     model.to(dev).eval()

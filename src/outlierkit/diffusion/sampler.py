@@ -57,7 +57,9 @@ class SamplerConfig:
     steps, and a step commits the ``k`` masked in-block positions with the highest score, where ``k``
     splits the block's masked count evenly (remainder to the earliest steps). Candidates are
     ``argmax(logits / T + g)``, ``g ~ Gumbel(0, 1)`` in float64 (``T = 0``: plain argmax). Decoded tokens
-    are never re-masked. Forward passes (NFE) = ``steps`` whatever the block size.
+    are never re-masked. Forward passes (NFE) = ``steps`` whatever the block size. The noise is
+    counter-based (see :func:`uniform_noise`): a pure function of (row seed, step, position, token), drawn
+    on the model's device, so a row decodes the same alone or in any batch.
 
     Args:
         gen_length: answer length G (default: 128).
@@ -119,31 +121,74 @@ def commit_counts(block_length: int, steps_per_block: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------- score rules
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Generator | None]], torch.Tensor]
-#: Position scores for unmasking: ``fn(probs (R, G, V) float32, candidates (R, G), generators) -> (R, G)``.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: Position scores for unmasking: ``fn(probs (N, V) float32, candidates (N,), u (N,) uniform) -> (N,)``,
+#: over the N masked positions of the current blocks (``u`` is the row's counter-based uniform draw).
 REMASKING: Registry[ScoreFn] = Registry("remasking rule")
 
 
 @REMASKING.register("low_confidence")
-def _score_low_confidence(probs: torch.Tensor, cand: torch.Tensor, gens: Sequence[Any]) -> torch.Tensor:
+def _score_low_confidence(probs: torch.Tensor, cand: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return probs.gather(-1, cand.unsqueeze(-1)).squeeze(-1)  # p(candidate) from un-noised logits
 
 
 @REMASKING.register("margin")
-def _score_margin(probs: torch.Tensor, cand: torch.Tensor, gens: Sequence[Any]) -> torch.Tensor:
-    top2 = probs.topk(2, dim=-1).values  # (R, G, 2)
+def _score_margin(probs: torch.Tensor, cand: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    top2 = probs.topk(2, dim=-1).values  # (N, 2)
     return top2[..., 0] - top2[..., 1]
 
 
 @REMASKING.register("entropy")
-def _score_entropy(probs: torch.Tensor, cand: torch.Tensor, gens: Sequence[Any]) -> torch.Tensor:
+def _score_entropy(probs: torch.Tensor, cand: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (probs * probs.clamp_min(1e-12).log()).sum(-1)  # negative entropy: peaked = high
 
 
 @REMASKING.register("random")
-def _score_random(probs: torch.Tensor, cand: torch.Tensor, gens: Sequence[Any]) -> torch.Tensor:
-    R, G = cand.shape
-    return torch.stack([torch.rand(G, generator=g) for g in gens]) if R else probs.new_zeros(R, G)
+def _score_random(probs: torch.Tensor, cand: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return u.to(device=cand.device, dtype=torch.float32)  # on the candidates' (the model's) device
+
+
+# ---------------------------------------------------------------------------------- counter-based noise
+#
+# Why hand-written: torch has no counter-based generator that gives the same bits on CPU and CUDA, and a
+# torch.Generator per row means a Python loop of per-row draws (LLaDA PR #124: a float64 (B, L, V) draw
+# is too big, per row is too slow). A hash of (seed, step, position, token) gives every row its own
+# stream, drawn in one vectorised call on the model's device, independent of batch composition and of
+# how positions are chunked. The mixer is Wellons' two-round multiply-xorshift (hash-prospector); both
+# multipliers are below 2**31, so a 32-bit value times a multiplier stays below 2**63: exact in int64.
+
+_M32 = 0xFFFFFFFF
+_MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
+_GOLDEN = 0x9E3779B9
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """In place: mix int64 values in [0, 2**32) to 32 well-spread bits (a bijection on 32-bit values)."""
+    x.bitwise_xor_(x >> 16).mul_(_MUL1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15).mul_(_MUL2).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 15)
+
+
+def counter_keys(seeds: torch.Tensor, step: int, pos: torch.Tensor, stream: int) -> torch.Tensor:
+    """32-bit key per (row seed, step, answer position, stream). Shapes: seeds, pos (N,) int64 -> (N,)."""
+    k = _hash32_((seeds >> 32) & _M32 ^ (stream * _GOLDEN & _M32))
+    k = _hash32_(k ^ (seeds & _M32))
+    k = _hash32_((k + step * _GOLDEN) & _M32)
+    return _hash32_(k ^ _hash32_((pos + _GOLDEN) & _M32))
+
+
+def uniform_noise(keys: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Uniform (0, 1) float64 from 32-bit keys: ``(hash(key ^ hash(v)) + 0.5) / 2**32``.
+
+    Shapes: keys (N,) -> (N,) without ``vocab_size``; (N, V) with it (one draw per token). 32 bits of
+    resolution keep the Gumbel tail to ``-log(-log(1 - 2**-33)) = 22.9``; LLaDA's concern is 16-bit noise.
+    """
+    if vocab_size is None:
+        x = _hash32_(keys.clone())
+    else:
+        vk = _hash32_(torch.arange(vocab_size, device=keys.device, dtype=torch.long) ^ 0x5BD1E995)  # (V,)
+        x = _hash32_(keys[:, None] ^ vk[None, :])  # (N, V)
+    return x.double().add_(0.5).mul_(2.0 ** -32)
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -202,6 +247,7 @@ def generate(
     generators: Sequence[torch.Generator | None] | None = None,
     seeds: Sequence[int] | None = None,
     max_context: int | None = None,
+    work_bytes: int | None = None,
 ) -> GenerateOutput:
     """Decode ``G = config.gen_length`` tokens after each prompt with masked-diffusion denoising.
 
@@ -217,9 +263,12 @@ def generate(
         attention_mask: 1 for real prompt tokens, 0 for left padding (default: None: all real).
         block_lengths: per-row block length (default: ``config.block_length``).
         remasking: per-row remasking rule (default: ``config.remasking``).
-        generators: per-row ``torch.Generator`` for Gumbel noise and random scores (default: from ``seeds``).
-        seeds: per-row seeds, used when ``generators`` is None (default: 0 for every row).
+        generators: per-row ``torch.Generator``, each used once to draw the row's seed (default: None).
+        seeds: per-row seeds of the counter-based noise, used when ``generators`` is None
+            (default: 0 for every row).
         max_context: the model's context length; longer prompt + answer is an error (default: None).
+        work_bytes: temporary memory for one chunk of positions in a step (default: None: half the bf16
+            size of the step's masked in-block logits).
 
     Shapes:
         prompt_ids (B, P), attention_mask (B, P) -> :class:`GenerateOutput` with sequences (B, P + G).
@@ -237,14 +286,19 @@ def generate(
     rules = list(remasking) if remasking is not None else [config.remasking] * B
     if len(rules) != B:
         raise ConfigError(f"remasking has {len(rules)} entries for {B} rows")
-    score_fns = {r: REMASKING.get(r) for r in set(rules)}
-    if generators is None:
-        row_seeds = list(seeds) if seeds is not None else [0] * B
+    rule_names = sorted(set(rules))
+    score_fns = [REMASKING.get(r) for r in rule_names]
+    if generators is not None:
+        if len(generators) != B:
+            raise ConfigError(f"generators has {len(generators)} entries for {B} rows")
+        # A generator is used once, for the row's seed; the noise itself is counter-based.
+        row_seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) if g is not None else 0 for g in generators]
+    else:
+        row_seeds = [int(s) for s in seeds] if seeds is not None else [0] * B
         if len(row_seeds) != B:
             raise ConfigError(f"seeds has {len(row_seeds)} entries for {B} rows")
-        generators = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
-    elif len(generators) != B:
-        raise ConfigError(f"generators has {len(generators)} entries for {B} rows")
+    seed_t = torch.tensor([s % 2**62 for s in row_seeds], dtype=torch.long, device=device)  # (B,)
+    rule_t = torch.tensor([rule_names.index(r) for r in rules], dtype=torch.long, device=device)  # (B,)
 
     # Per-row schedule tables: block bounds and commit count at every step.
     start = torch.empty(B, steps, dtype=torch.long)
@@ -268,75 +322,187 @@ def generate(
     stop = torch.tensor(tokens.stop_ids, dtype=torch.long, device=device)
     nfe = 0
     for s in range(steps):
-        logits = _forward(model, x, attn, config, tokens, P)  # (B, G, V) float32
+        logits = _forward(model, x, attn, config, tokens)  # (B or 2B, P + G, V), the model's dtype
         nfe += 2 if config.cfg_scale > 0 else 1
         if s == 0 and not 0 <= tokens.mask_id < logits.shape[-1]:
             raise ConfigError(f"mask id {tokens.mask_id} is outside the model's vocabulary of "
                               f"{logits.shape[-1]} tokens; pass the model family's mask token")
-        logits[..., tokens.mask_id] = -torch.inf  # the mask token is never a candidate
-        if config.suppress_eos and len(stop):
-            logits[..., stop] = -torch.inf
-        cand = _candidates(logits, config.temperature, generators)  # (B, G)
-        probs = torch.softmax(logits, dim=-1)  # (B, G, V) un-noised, as in LLaDA
-        score = torch.empty(B, G, device=device)
-        for rule, fn in score_fns.items():
-            rows = [i for i, r in enumerate(rules) if r == rule]
-            score[rows] = fn(probs[rows], cand[rows], [generators[i] for i in rows]).float()
-        if config.eos_last and len(stop):
-            # Held back by score, not by candidate: finite but below any real score, so an EOS is
-            # committed only when the step's quota cannot be met otherwise.
-            is_stop = torch.isin(cand, stop)
-            score = torch.where(is_stop, score - 1e4, score)
         masked = x[:, P:] == tokens.mask_id  # (B, G)
         lo = start[:, s, None]
-        in_block = (pos >= lo) & (pos < lo + blk[:, None])  # (B, G)
-        score = torch.where(masked & in_block, score, torch.full_like(score, -torch.inf))
-        k = torch.minimum(count[:, s], (masked & in_block).sum(1))  # (B,)
-        kmax = int(k.max())
-        if kmax == 0:
+        live = masked & (pos >= lo) & (pos < lo + blk[:, None])  # (B, G): masked, in the current block
+        k = torch.minimum(count[:, s], live.sum(1))  # (B,)
+        rows, cols = live.nonzero(as_tuple=True)  # (M,), (M,): the only positions that need work
+        if rows.numel() == 0:
             continue
-        top = score.topk(kmax, dim=1).indices  # (B, kmax)
+        cand, score = step_scores(logits, rows, cols, P, config, tokens, stop, seed_t, rule_t, s,
+                                  score_fns, work_bytes=work_bytes)  # (M,), (M,)
+        full = torch.full((B, G), -torch.inf, device=device)
+        full[rows, cols] = score
+        kmax = int(k.max())
+        top = full.topk(kmax, dim=1).indices  # (B, kmax)
         take = torch.arange(kmax, device=device)[None, :] < k[:, None]  # (B, kmax)
         sel = torch.zeros(B, G, dtype=torch.bool, device=device)
         sel.scatter_(1, top, take)
-        x[:, P:] = torch.where(sel, cand, x[:, P:])
+        cand_full = x[:, P:].clone()
+        cand_full[rows, cols] = cand.to(x.dtype)
+        x[:, P:] = torch.where(sel, cand_full, x[:, P:])
         commit_step[sel] = s
+        del logits
     return GenerateOutput(sequences=x, commit_step=commit_step, nfe=nfe, prompt_length=P)
 
 
 def _forward(model: Denoiser, x: torch.Tensor, attn: torch.Tensor | None, config: SamplerConfig,
-             tokens: TokenSpec, P: int) -> torch.Tensor:
-    """One denoiser call on the canvas (plus the prompt-masked row for CFG); returns answer logits."""
+             tokens: TokenSpec) -> torch.Tensor:
+    """One denoiser call on the canvas (plus the prompt-masked rows for CFG); logits as the model gives them.
+
+    Nothing is cast or sliced here: :func:`step_scores` reads only the positions it needs.
+    """
     inp, am = x, attn
     if config.cfg_scale > 0:
+        P = x.shape[1] - config.gen_length
         un = x.clone()
         un[:, :P] = tokens.mask_id  # LLaDA: the unconditional row masks the prompt
         inp = torch.cat([x, un], 0)  # (2B, P + G)
         am = torch.cat([attn, attn], 0) if attn is not None else None
     out = model(inp, attention_mask=am) if am is not None else model(inp)
-    logits = logits_of(out).float()  # (B or 2B, P + G, V)
-    if config.shift_logits:  # position i is predicted from hidden state i-1
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
-    if config.cfg_scale > 0:
-        cond, uncond = logits.chunk(2, 0)
-        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
-    return logits[:, P:].contiguous()  # (B, G, V)
+    return logits_of(out)  # (B or 2B, P + G, V)
 
 
-def _candidates(logits: torch.Tensor, temperature: float, gens: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Gumbel-max sampling at temperature T, row by row in float64 (never a (B, G, V) float64 at once).
+#: Bytes of temporaries per (position, token) element while a chunk is processed (fp32 logits and
+#: probabilities, an int64 hash and its shifted copy); sizes chunks to the ``work_bytes`` budget.
+_BYTES_PER_ELEMENT = 24
 
-    LLaDA computes ``argmax exp(l) / (-log u)^T``; its log is ``l - T log(-log u)``, same argmax, no
-    overflow. Shapes: logits (B, G, V) -> (B, G).
+
+def step_scores(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    prompt_length: int,
+    config: SamplerConfig,
+    tokens: TokenSpec,
+    stop: torch.Tensor,
+    seeds: torch.Tensor,
+    rule_of_row: torch.Tensor,
+    step: int,
+    score_fns: Sequence[ScoreFn],
+    *,
+    work_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates and scores at the masked positions ``(rows, cols)`` of the current blocks.
+
+    Only these positions are read from the model's logits and cast to float32, in chunks of positions
+    whose temporaries fit ``work_bytes`` (default: half the bf16 size of these positions' logits, so the
+    step's own memory stays near 1.5x its bf16 logits; at least one position per chunk). Each chunk is
+    rule-homogeneous and draws its Gumbel noise in one vectorised call.
+
+    Shapes: logits (B or 2B with CFG, P + G, V); rows, cols (M,) -> candidates (M,) long, scores (M,) float32.
     """
-    if temperature == 0:
-        return logits.argmax(-1)
-    out = torch.empty(logits.shape[:2], dtype=torch.long, device=logits.device)
-    for r, g in enumerate(gens):
-        u = torch.rand(logits.shape[1:], generator=g, dtype=torch.float64)  # (G, V), on CPU
-        u = u.clamp_min(1e-300).to(logits.device)
-        out[r] = (logits[r].double() - temperature * torch.log(-torch.log(u))).argmax(-1)
+    B = seeds.shape[0]
+    L, V = logits.shape[1], logits.shape[2]
+    flat = logits.reshape(-1, V)  # a view: (B' * L, V)
+    src = prompt_length + cols - (1 if config.shift_logits else 0)  # Dream: token i is read at i - 1
+    src = src.clamp_min(0)
+    M = rows.shape[0]
+    budget = work_bytes if work_bytes is not None else M * V  # = half of M * V * 2 bytes (bf16)
+    per_chunk = max(1, budget // (_BYTES_PER_ELEMENT * V))
+    cand = torch.empty(M, dtype=torch.long, device=logits.device)
+    score = torch.empty(M, dtype=torch.float32, device=logits.device)
+    if len(score_fns) == 1:
+        parts = [(0, torch.arange(M, device=logits.device))]
+    else:  # chunks are rule-homogeneous: each rule scores its own positions
+        rule = rule_of_row[rows]  # (M,)
+        parts = [(i, (rule == i).nonzero(as_tuple=True)[0]) for i in range(len(score_fns))]
+    for i, idx in parts:
+        fn = score_fns[i]
+        for c0 in range(0, idx.numel(), per_chunk):
+            e = idx[c0:c0 + per_chunk]  # (c,) element indices
+            r, col = rows[e], cols[e]
+            lg = flat.index_select(0, r * L + src[e]).float()  # (c, V)
+            if config.cfg_scale > 0:
+                un = flat.index_select(0, (r + B) * L + src[e]).float()  # (c, V)
+                lg.sub_(un).mul_(config.cfg_scale + 1).add_(un)  # uncond + (s + 1)(cond - uncond)
+                del un
+            lg[:, tokens.mask_id] = -torch.inf  # the mask token is never a candidate
+            if config.suppress_eos and len(stop):
+                lg[:, stop] = -torch.inf
+            if config.temperature == 0:
+                c_ = lg.argmax(-1)
+            else:
+                g = uniform_noise(counter_keys(seeds[r], step, col, stream=0), V)  # (c, V) float64
+                g.log_().neg_().log_().mul_(-config.temperature).add_(lg)  # l - T log(-log u)
+                c_ = g.argmax(-1)
+                del g
+            u = uniform_noise(counter_keys(seeds[r], step, col, stream=1))  # (c,) for `random`
+            probs = torch.softmax(lg, dim=-1)  # (c, V) un-noised, as in LLaDA
+            del lg
+            sc = fn(probs, c_, u).float()
+            del probs
+            if config.eos_last and len(stop):
+                # Held back by score, not by candidate: finite but below any real score, so an EOS is
+                # committed only when the step's quota cannot be met otherwise.
+                sc = torch.where(torch.isin(c_, stop), sc - 1e4, sc)
+            cand[e] = c_
+            score[e] = sc
+    return cand, score
+
+
+# ------------------------------------------------------------------------------------- memory budget
+
+#: On CPU, rows per batched decode stop here: 128-256 rows ran fastest on this machine (larger batches
+#: page-fault on tensors over 32 MB; see bench/scale_sampler.py and BENCHMARKS.md).
+CPU_MAX_ROWS = 256
+#: Headroom per row over the model's logits: the sampler's chunk work, activations, allocator slack.
+ROW_OVERHEAD = 1.5
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20,
+          "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """``"8GiB"``, ``"512MB"``, ``"2G"`` (binary), ``"1e9"`` -> bytes; a clear error otherwise."""
+    import re
+
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"memory size {text!r} not understood; write e.g. 8GiB, 512MiB, 2GB or bytes")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    out = int(value * _UNITS[unit])
+    if out <= 0:
+        raise ConfigError(f"memory size must be positive, got {text!r}")
     return out
+
+
+def memory_budget(device: torch.device | str) -> int:
+    """Default budget for decoding: 80% of the free GPU memory, or half the available RAM on CPU."""
+    import os
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free * 0.8)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 4 * 2**30
+
+
+def auto_batch_rows(canvas_length: int, vocab_size: int, logit_bytes: int, *, device: torch.device | str,
+                    cfg: bool = False, max_memory: int | None = None) -> int:
+    """Rows per batched decode that fit ``max_memory`` (default: :func:`memory_budget`).
+
+    A row costs its canvas logits (``(P + G) x V x bytes``, twice with CFG) times :data:`ROW_OVERHEAD`;
+    on CPU at most :data:`CPU_MAX_ROWS`. A budget below one row is an error naming both sizes.
+    """
+    per_row = canvas_length * vocab_size * logit_bytes * (2 if cfg else 1) * ROW_OVERHEAD
+    budget = max_memory if max_memory is not None else memory_budget(device)
+    rows = int(budget // per_row)
+    if rows < 1:
+        raise ConfigError(f"a memory budget of {budget / 2**30:.2f} GiB is below one row's "
+                          f"{per_row / 2**30:.2f} GiB of logits ({canvas_length} positions x {vocab_size} "
+                          "tokens); raise --max-memory or shorten the prompt/answer")
+    return min(rows, CPU_MAX_ROWS) if torch.device(device).type == "cpu" else rows
 
 
 def truncate_at_stop(ids: Sequence[int], tokens: TokenSpec) -> list[int]:

@@ -81,6 +81,10 @@ class Task:
         """Encode a user prompt for this task (used by ``outlierkit hex generate``)."""
         raise NotImplementedError
 
+    def prompt_format(self) -> str:
+        """How a prompt for ``outlierkit hex generate --prompt`` is written, with an example."""
+        raise NotImplementedError
+
 
 TASKS: Registry[type[Task]] = Registry("tiny task")
 
@@ -185,9 +189,11 @@ class ParityChain(Task):
     def prompt_from_text(self, text: str) -> tuple[int, ...]:
         bits = text.strip().rstrip("=")
         if not bits or set(bits) - {"0", "1"} or not self.min_bits <= len(bits) <= self.max_bits:
-            raise ConfigError(f"parity-chain prompts are {self.min_bits}..{self.max_bits} bits like "
-                              f"'0110=', got {text!r}")
+            raise ConfigError(f"parity-chain prompts are {self.prompt_format()}, got {text!r}")
         return tuple(self._pair(bits)[0])
+
+    def prompt_format(self) -> str:
+        return f"{self.min_bits}..{self.max_bits} bits then '=', e.g. '0110='"
 
 
 @TASKS.register("pointer-chase")
@@ -270,7 +276,8 @@ class PointerChase(Task):
         out: list[Problem] = []
         seen: set[tuple[int, ...]] = set()
         while len(out) < n:
-            f, start, k = self._draw(4 * n, gen)
+            # Draw in bounded chunks: memory follows the problems kept, not 4x a huge request.
+            f, start, k = self._draw(min(4 * n, 1 << 16), gen)
             prompts, resps = self._encode(f, start, k)
             for i in self._held(prompts).nonzero().squeeze(1).tolist():
                 key = tuple(prompts[i].tolist())
@@ -288,10 +295,15 @@ class PointerChase(Task):
         if self.show_hops:
             ok = ok and hops.isdigit() and self.min_hops <= int(hops) <= self.max_hops
         if not ok:
-            form = "'3817450926;4+6=' (f(0..9);start+hops)" if self.show_hops else "'3817450926;4=' (f(0..9);start)"
-            raise ConfigError(f"{self.name} prompts look like {form}, got {text!r}")
+            raise ConfigError(f"{self.name} prompts look like {self.prompt_format()}, got {text!r}")
         prompt = [BOS] + encode(fs + ";" + st + (f"+{hops}" if self.show_hops else "") + "=")
         return tuple(prompt + [PAD] * (self.prompt_len - len(prompt)))
+
+    def prompt_format(self) -> str:
+        if self.show_hops:
+            return (f"'3817450926;4+6=' (f(0)..f(9) as 10 digits ';' start digit '+' hops "
+                    f"{self.min_hops}..{self.max_hops} '=')")
+        return "'3817450926;4=' (f(0)..f(9) as 10 digits ';' start digit '=')"
 
 
 @TASKS.register("pointer-chase-k")
@@ -302,6 +314,72 @@ class PointerChaseK(PointerChase):
     name: str = "pointer-chase-k"
     prompt_len: int = 16
     show_hops: bool = True
+
+
+@TASKS.register("exit-walk")
+@dataclass(frozen=True)
+class ExitWalk(PointerChase):
+    """Walk a random function on digits from ``s`` until the walk reaches the exit node 0; answer = hops.
+
+    Prompt ``<bos> f(0..9) ; s =``; response ``s1 .. sj #### j <eos>...`` where ``sj = 0`` is the walk's first
+    visit to 0 and ``j`` is drawn uniformly from ``min_hops..max_hops`` (the walk is planted through distinct
+    non-zero digits; the other entries of ``f`` are random). Unlike :class:`PointerChaseK`, the answer's
+    length (``j + 5`` tokens, then EOS padding) is not stated in the prompt: it is decided by the
+    computation, so a decoder that commits ``####``, the count or EOS before the walk is done (large blocks,
+    several tokens per step) gets the length, and so the answer, wrong - the variable-length/EOS failure mode
+    of the HEX paper, which fixed-length answers cannot show. Built for issue 12's HEX testbed.
+
+    Args:
+        min_hops: shortest walk (default: 2). max_hops: longest walk, at most 9 (default: 9).
+        gen_length: response length, EOS-padded (default: 16). holdout_mod (default: 4).
+    """
+
+    name: str = "exit-walk"
+    min_hops: int = 2
+    max_hops: int = 9
+    prompt_len: int = 14
+    gen_length: int = 16
+    holdout_mod: int = 4
+    default_schedules: tuple[str, ...] = ("2", "4", "8", "16")
+    show_hops: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_hops <= self.max_hops <= 9 or self.gen_length < self.max_hops + 5:
+            raise ConfigError(f"exit-walk: need 1 <= min_hops <= max_hops <= 9 and gen_length >= max_hops + 5, "
+                              f"got {self}")
+
+    def _draw(self, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = torch.randint(0, 10, (m, 10), generator=gen)  # (m, 10)
+        k = torch.randint(self.min_hops, self.max_hops + 1, (m,), generator=gen)  # (m,) hops to the exit
+        walk = torch.rand(m, 9, generator=gen).argsort(1) + 1  # (m, 9) distinct non-zero digits
+        rows = torch.arange(m)
+        for i in range(self.max_hops):  # plant s=walk[0] -> walk[1] -> ... -> walk[k-1] -> 0
+            live = i < k
+            nxt = torch.where(i + 1 < k, walk[:, min(i + 1, 8)], 0)
+            f[rows[live], walk[live, i]] = nxt[live]
+        return f, walk[:, 0], k
+
+    def _encode(self, f: torch.Tensor, start: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, d0 = f.shape[0], _INDEX["0"]
+        prompts = torch.full((m, self.prompt_len), PAD)
+        prompts[:, 0] = BOS
+        prompts[:, 1:11] = f + d0
+        prompts[:, 11] = _INDEX[";"]
+        prompts[:, 12] = start + d0
+        prompts[:, 13] = _INDEX["="]
+        nodes = torch.empty(m, self.max_hops, dtype=torch.long)
+        cur = start
+        for j in range(self.max_hops):
+            cur = f.gather(1, cur[:, None]).squeeze(1)
+            nodes[:, j] = cur
+        rows = torch.arange(m)
+        live = torch.arange(self.max_hops)[None, :] < k[:, None]
+        resps = torch.full((m, self.gen_length), EOS)
+        resps[:, :self.max_hops] = torch.where(live, nodes + d0, EOS)
+        for j in range(4):
+            resps[rows, k + j] = _INDEX["#"]
+        resps[rows, k + 4] = k + d0  # the hop count
+        return prompts, resps
 
 
 def _holdout_hash(k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -396,7 +474,8 @@ class TrainConfig:
     """Training recipe for :func:`train_tiny` (LLaDA SFT loss; AdamW, warm-up then cosine).
 
     Args:
-        task: registered task name (default: ``"pointer-chase"``).
+        task: registered task name (default: ``"pointer-chase-k"``; plain ``pointer-chase`` hides the hop
+            count, so its answers are ambiguous: kept only to reproduce that finding).
         steps: optimizer steps (default: 2000). batch_size (default: 128). lr (default: 2e-3).
         warmup: linear warm-up steps (default: 200). weight_decay (default: 0.01). clip (default: 1.0).
         eps: smallest masking ratio t (default: 1e-3). seed (default: 0). threads: torch threads (default: 1).
@@ -407,7 +486,7 @@ class TrainConfig:
             that uniform masking leaves unlearned on the parity chain in a short budget (default: 0.0).
     """
 
-    task: str = "pointer-chase"
+    task: str = "pointer-chase-k"
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
@@ -442,17 +521,24 @@ def masked_diffusion_loss(model: nn.Module, prompts: torch.Tensor, resps: torch.
     return (ce.view(B, G) * masked / t).sum() / (B * G)
 
 
+def check_init_from(cfg: TrainConfig) -> TinyMDM | None:
+    """The checkpoint ``cfg.init_from`` (None if unset), refused when its task or model size differ."""
+    if cfg.init_from is None:
+        return None
+    parent, parent_task, _ = load_tiny(cfg.init_from)
+    if parent_task != make_task(cfg.task) or parent.config != cfg.model:
+        raise ConfigError(f"--init-from {cfg.init_from} has another task or model size than requested "
+                          f"({parent_task.name} vs {cfg.task})")
+    return parent
+
+
 def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = None,
                log_every: int = 100) -> tuple[TinyMDM, Task, list[dict[str, float]]]:
     """Train a :class:`TinyMDM` on ``cfg.task``; returns the model (eval mode), the task and a loss log."""
     from outlierkit._utils import seed_everything
 
     task = make_task(cfg.task)
-    parent: TinyMDM | None = None
-    if cfg.init_from is not None:
-        parent, parent_task, _ = load_tiny(cfg.init_from)
-        if parent_task != task or parent.config != cfg.model:
-            raise ConfigError(f"--init-from {cfg.init_from} has another task or model size than requested")
+    parent = check_init_from(cfg)
     need = task.prompt_len + task.gen_length
     if cfg.model.max_len < need:
         raise ConfigError(f"model.max_len {cfg.model.max_len} < prompt + answer length {need}")
@@ -495,7 +581,18 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
 
 # ----------------------------------------------------------------------------------------- save / load
 
-BUNDLED = Path(__file__).parent / "checkpoints" / "pointer-chase-k"
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+#: The default checkpoint; ``exit-walk`` (issue 12's HEX testbed) is bundled next to it.
+BUNDLED = CHECKPOINTS / "pointer-chase-k"
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    """A directory as given, or a bundled checkpoint by name (``pointer-chase-k``, ``exit-walk``) when no such
+    path exists."""
+    p = Path(path_or_name)
+    if not p.exists() and (CHECKPOINTS / str(path_or_name) / "config.json").is_file():
+        return CHECKPOINTS / str(path_or_name)
+    return p
 
 
 def save_tiny(model: TinyMDM, task: Task, out_dir: str | Path, meta: dict[str, Any] | None = None) -> None:
@@ -520,11 +617,18 @@ def save_tiny(model: TinyMDM, task: Task, out_dir: str | Path, meta: dict[str, A
 
 
 def is_tiny_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a tiny checkpoint; a damaged tiny ``config.json`` still counts (so that
+    :func:`load_tiny` names the damage instead of the Hugging Face loader failing on it)."""
     p = Path(path) / "config.json"
     try:
-        return json.loads(p.read_text()).get("format") == "outlierkit-tiny-mdm"
-    except (OSError, ValueError):
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError:
         return False
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        return "outlierkit-tiny-mdm" in text
+    return isinstance(cfg, dict) and cfg.get("format") == "outlierkit-tiny-mdm"
 
 
 def load_tiny(path: str | Path | None = None) -> tuple[TinyMDM, Task, dict[str, Any]]:
@@ -535,13 +639,24 @@ def load_tiny(path: str | Path | None = None) -> tuple[TinyMDM, Task, dict[str, 
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
         raise ModelLoadError(f"{p} is not a tiny checkpoint (needs config.json and model.safetensors); "
                              "create one with `outlierkit hex train-tiny --out DIR`")
+    from safetensors import SafetensorError
+
     try:
-        cfg = json.loads((p / "config.json").read_text())
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {p / 'config.json'}: {e}") from None
+    try:
         model = TinyMDM(TinyConfig(**cfg["model"]))
-        model.load_state_dict(load_file(str(p / "model.safetensors")))
         task_cfg = dict(cfg["task"])
         task = make_task(task_cfg.pop("name"), **task_cfg)
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
-        raise ModelLoadError(f"cannot load tiny checkpoint {p}: {type(e).__name__}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{p / 'config.json'} is not a valid tiny checkpoint config "
+                             f"({type(e).__name__}: {e})") from None
+    try:
+        model.load_state_dict(load_file(str(p / "model.safetensors")))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load {p / 'model.safetensors'} (corrupt, truncated or another "
+                             f"model's weights): {first}") from None
     model.eval()
     return model, task, cfg.get("meta", {})
