@@ -60,10 +60,11 @@ def _memory(text: str) -> int:
 
 
 def _warn(message: str) -> None:
-    """A warning on the console (stderr), not only in report.md."""
-    from outlierkit._utils.log import get_console
+    """A warning on the console (stderr), not only in report.md; once per message (the shared mechanism,
+    which Report.warn uses too, so echoing a report's warnings never prints them twice)."""
+    from outlierkit._utils.log import warning
 
-    get_console().print(f"[yellow]outlierkit: warning:[/yellow] {message}")
+    warning(message)
 
 
 #: ``hex generate --prompt`` formats of the tiny tasks, spelled out here so that ``--help`` needs no torch

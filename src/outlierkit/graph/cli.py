@@ -91,11 +91,8 @@ def _data_root(value: str | None) -> str:
 
 
 def _warn(report: Any, message: str) -> None:
-    """A warning goes to the report and to the console (stderr), never only into report.md."""
-    import sys
-
+    """A warning goes to the report and to the console (stderr; Report.warn prints it once)."""
     report.warn(message)
-    print(f"outlierkit: warning: {message}", file=sys.stderr)
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
