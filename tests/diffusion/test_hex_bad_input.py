@@ -112,4 +112,4 @@ def test_out_under_a_regular_file_is_one_line(action, tmp_path, capsys):
     f = _regular_file(tmp_path)
     assert main(["hex", *action, "--out", str(f / "sub")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not a writable directory" in err[0]
+    assert len(err) == 1 and "is a file, not a directory" in err[0]
