@@ -89,7 +89,7 @@ def test_bad_targets_and_metrics(tok, data):
         Planner(model, tok, data[0], _ev(data), weight=W, act=A, target=PlanTarget(max_loss=0.1), metric="cos")
     with pytest.raises(ConfigError, match="unknown transform"):
         Planner(model, tok, data[0], _ev(data), weight=W, act=A, target=PlanTarget(max_loss=0.1),
-                transforms=("gptq",))
+                transforms=("awq",))
 
 
 def test_plan_cli(tiny_llama_dir, tmp_path, capsys):

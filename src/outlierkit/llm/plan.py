@@ -4,14 +4,21 @@ Given a model, calibration and held-out data, the recipe's formats and a target 
 quality, or an average weight-bit budget), the planner
 
 1. profiles the linear inputs (spike ratio max|x| / median|x|, as ``spike_mp``),
-2. applies each candidate transform (``rtn`` = none, ``smoothquant``, ``os_plus``) once to a copy of the
-   float model, quantizes it with the recipe's formats and ranks the block linears by their measured
-   output SQNR (lowest first: the layers the format hurts most; ties broken by the spike ratio),
+2. applies each candidate transform (``rtn`` = none, ``smoothquant``, ``os_plus``, ``rotate``) once to a
+   copy of the float model, quantizes it with the recipe's formats and ranks the block linears by their
+   measured output SQNR (lowest first: the layers the format hurts most; ties broken by the spike ratio);
+   with ``gptq`` among the candidates, each transform also gets a ``+gptq`` candidate: GPTQ runs once on
+   the transformed copy and every layer takes GPTQ's weights only where its measured layer SQNR beats
+   round-to-nearest (else RTN, written as ``gptq.rtn_layers``),
 3. finds, per transform, the fewest top-ranked layers to keep in float that meet the loss target
    (binary search on the ranked prefix, every probe evaluated on held-out data), or the lowest loss
    within the bit budget,
 4. picks the transform that needs the fewest high-precision layers (then the lower loss), and
 5. verifies the written recipe end to end with ``quantize_`` on a fresh copy and evaluates it.
+
+``rotate`` is planned only as the folded rotation (``online_down: false``): the online Hadamard cannot be
+saved or served, and a plan is a recipe to save. Families that cannot fold a rotation drop the candidate
+with the reason as a warning (a plan of only ``rotate`` on such a family is an error).
 
 It also measures the *uniform* alternatives: the plain recipe (no layer kept) and keeping whole
 projection types (all ``down_proj``, all ``o_proj``, ...) in float, worst type first, until the target
@@ -37,7 +44,8 @@ from outlierkit.llm.evaluate import EvalData
 from outlierkit.llm.formats import Format
 from outlierkit.llm.recipe import CalibConfig, Recipe, Step, layer_sqnr, quantize_
 
-TRANSFORMS = ("rtn", "smoothquant", "os_plus")
+TRANSFORMS = ("rtn", "smoothquant", "os_plus", "rotate")
+ROUNDING = "gptq"  # not a transform: a per-layer weight-rounding choice (gptq or rtn) on top of each transform
 FLOAT_BITS = 16.0  # a kept layer is served in BF16/FP16
 
 
@@ -97,6 +105,7 @@ class Plan:
     probes: list[Probe] = field(default_factory=list)
     uniform: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 METRICS = ("auto", "ppl", "top1", "cos")
@@ -136,11 +145,21 @@ def measure(model: nn.Module, tokenizer: Any, data: EvalData, metric: str) -> di
 def _transform_step(name: str, params: dict[str, Any] | None = None) -> list[Step]:
     if name == "rtn":
         return []
+    if name in ("rotate_online", "online_down"):
+        raise ConfigError("the planner does not plan rotate's online Hadamard (online_down): the planned model is "
+                          "saved and vLLM/transformers cannot run it; use the folded 'rotate'")
     if name not in TRANSFORMS:
-        raise ConfigError(f"unknown transform {name!r}; valid: {', '.join(TRANSFORMS)}")
+        raise ConfigError(f"unknown transform {name!r}; valid: {', '.join((*TRANSFORMS, ROUNDING))}")
     if params is None:
-        params = {"folds": ["norm", "attn_v"]} if name == "smoothquant" else {}
+        params = ({"folds": ["norm", "attn_v"]} if name == "smoothquant" else
+                  {"online_down": False} if name == "rotate" else {})
     return [Step(name, dict(params))]
+
+
+def _split(candidate: str) -> tuple[str, bool]:
+    """``os_plus+gptq`` -> (``os_plus``, True)."""
+    base, _, rounding = candidate.partition("+")
+    return base, rounding == ROUNDING
 
 
 def _bits(fmt_bits: int, params: dict[str, int], kept: Sequence[str]) -> float:
@@ -196,14 +215,24 @@ class Planner:
         self.metric = metric
         self.profile = profile
         if not transforms:
-            raise ConfigError("give at least one transform (rtn, smoothquant, os_plus)")
-        for t in transforms:
+            raise ConfigError("give at least one transform (rtn, smoothquant, os_plus, rotate; gptq)")
+        self.gptq = ROUNDING in transforms
+        bases = list(dict.fromkeys(t for t in transforms if t != ROUNDING)) or ["rtn"]
+        for t in bases:
             _transform_step(t)
+        if self.gptq:
+            from outlierkit.llm.formats import IntFormat
+
+            if not isinstance(weight, IntFormat):
+                raise ConfigError(f"gptq rounds integer weights; the planned weight format is "
+                                  f"{weight.label() if weight is not None else 'float'}")
         if weight is None and act is None:
             raise ConfigError("the planned formats keep everything float; give --weight and/or --act")
         self.model, self.tokenizer, self.calib, self.ev = model, tokenizer, calib, eval_data
         self.weight, self.act, self.target = weight, act, target
-        self.transforms = list(transforms)
+        # candidates: each transform with RTN, and (gptq) with GPTQ where it measures better per layer
+        self.transforms = [*bases, *([f"{t}+{ROUNDING}" for t in bases] if self.gptq else [])]
+        self.notes: list[str] = []
         self.calib_config = calib_config or CalibConfig(min_tokens=1)
         self.name = name
         self.fused = fused
@@ -212,17 +241,22 @@ class Planner:
         self.fmt_bits = weight.bits if weight is not None and hasattr(weight, "bits") else (8 if weight else 16)
 
     # ------------------------------------------------------------------------------------ helpers
-    def recipe(self, transform: str, kept: Sequence[str]) -> Recipe:
+    def recipe(self, transform: str, kept: Sequence[str], rtn_layers: Sequence[str] = ()) -> Recipe:
+        base, gptq = _split(transform)
+        last: dict[str, Any] = {"gptq": {"rtn_layers": sorted(set(rtn_layers) - set(kept))}} if gptq else {"rtn": {}}
         data: dict[str, Any] = {"name": self.name, "weight": self.weight, "act": self.act,
-                                "steps": [{s.method: s.params} for s in _transform_step(transform)] + [{"rtn": {}}],
+                                "steps": [{s.method: s.params} for s in _transform_step(base)] + [last],
                                 "overrides": {n: "skip" for n in kept}}
         r = Recipe.from_dict({k: v for k, v in data.items() if k not in ("weight", "act")})
         r.weight, r.act, r.calib = self.weight, self.act, self.calib_config
         return r
 
     def _evaluate(self, transformed: nn.Module, transform: str, kept: Sequence[str],
-                  params: dict[str, int]) -> Probe:
+                  params: dict[str, int], float_src: nn.Module | None = None) -> Probe:
         m = copy.deepcopy(transformed)
+        if float_src is not None:  # kept layers are float: undo GPTQ's weights there
+            for n in kept:
+                _weight(m, n).copy_(_weight(float_src, n))
         self._rtn(m, kept)
         metrics = measure(m, self.tokenizer, self.ev, self.metric)
         p = Probe(transform, list(kept), quality_loss(metrics, self.ref, self.metric), metrics,
@@ -252,36 +286,53 @@ class Planner:
         names = [n for n in mm.linears if n in spikes]
         params = {n: int(_weight(self.model, n).numel()) for n in names}
         per_transform: dict[str, dict[str, Any]] = {}
+        refused: set[str] = set()
         for t in self.transforms:
-            log(f"plan: {t}: transform, per-layer SQNR")
-            tm = copy.deepcopy(self.model)
-            steps = _transform_step(t)
-            touched: set[str] = set()
-            if steps:
-                from outlierkit.llm.methods import QuantContext
-
-                before = {n: _weight(tm, n).detach().clone() for n in names}
-                ctx = QuantContext(self.calib, self.weight, self.act)
-                steps[0].build(f"plan.{t}").apply(tm, ctx)
-                touched = {n for n in names if not torch.equal(before[n], _weight(tm, n))}
-            probe_m = copy.deepcopy(tm)
-            self._rtn(probe_m, [])
-            sqnr = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(probe_m, self.calib).items()}
-            del probe_m
+            base, gptq = _split(t)
+            if base in refused:
+                continue
+            float_src: nn.Module | None = None
+            if gptq:  # the transformed float model is the base candidate's
+                tm, touched = per_transform[base]["model"], per_transform[base]["touched"]
+            else:
+                log(f"plan: {t}: transform, per-layer SQNR")
+                tm = copy.deepcopy(self.model)
+                touched = self._transform(tm, t, names)
+                if touched is None:
+                    refused.add(t)
+                    continue
+            rounding: dict[str, str] = {}
+            sqnr_rtn: dict[str, float] = {}
+            if gptq:
+                float_src = tm
+                sqnr_rtn = per_transform[base]["sqnr"]
+                tm, rounding, sqnr_gptq = self._gptq(tm, names, t, sqnr_rtn)
+                sqnr = {n: max(v, sqnr_gptq.get(n, -math.inf)) for n, v in sqnr_rtn.items()}
+            else:
+                probe_m = copy.deepcopy(tm)
+                self._rtn(probe_m, [])
+                sqnr = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(probe_m, self.calib).items()}
+                del probe_m
             units = self._units(names)
             units.sort(key=lambda u: (min(sqnr.get(n, math.inf) for n in u), -max(spikes[n].ratio for n in u)))
             ranked = [n for u in units for n in u]
-            per_transform[t] = {"model": tm, "sqnr": sqnr, "ranked": ranked, "touched": touched}
-            per_transform[t]["best"] = self._search(t, tm, units, params)
+            per_transform[t] = {"model": tm, "sqnr": sqnr, "ranked": ranked, "touched": touched,
+                                "rounding": rounding, "sqnr_rtn": sqnr_rtn, "float_src": float_src}
+            per_transform[t]["best"] = self._search(t, tm, units, params, float_src)
+        candidates = [t for t in self.transforms if t in per_transform]
+        if not candidates:
+            raise ConfigError("; ".join(self.notes) + " (no other candidate transform was given)")
         # choose: fewest kept layers meeting the target, then the lowest loss, then the cheaper transform
         def key(t: str) -> tuple[int, int, float, int]:
             b: Probe = per_transform[t]["best"]
             return (0 if self.meets(b.loss) else 1, len(b.kept), b.loss, self.transforms.index(t))
 
-        best_t = min(self.transforms, key=key)
+        best_t = min(candidates, key=key)
         best: Probe = per_transform[best_t]["best"]
-        # Verify the written recipe end to end (the transform now sees the skip overrides too).
-        recipe = self.recipe(best_t, best.kept)
+        # Verify the written recipe end to end (the transform now sees the skip overrides too; GPTQ's Hessians
+        # now see the kept float layers, so its weights can differ slightly from the searched ones).
+        rtn_layers = [n for n, r in per_transform[best_t]["rounding"].items() if r == "rtn"]
+        recipe = self.recipe(best_t, best.kept, rtn_layers)
         log(f"plan: verifying {best_t} with {len(best.kept)} layer(s) kept float")
         m = copy.deepcopy(self.model)
         check = copy.deepcopy(recipe)
@@ -291,17 +342,61 @@ class Planner:
         final_loss = quality_loss(final_metrics, self.ref, self.metric)
         del m
         uniform = self._uniform(per_transform[best_t]["model"], best_t, names, per_transform[best_t]["sqnr"],
-                                params)
+                                params, per_transform[best_t]["float_src"])
         layers = self._explain(names, spikes, per_transform, best_t, best, params)
         plan = Plan(recipe, best_t, best.kept, final_loss, self.meets(final_loss)
                     and (self.target.bits is None or best.bits <= self.target.bits + 1e-9),
-                    layers, self.probes, uniform)
+                    layers, self.probes, uniform, notes=list(self.notes))
         plan.metrics = {"loss": final_loss, "metric": self.metric, "loss_search": best.loss,
                         "kept_float": float(len(best.kept)), "layers": float(len(names)),
                         "avg_weight_bits": best.bits, "output_sqnr_db": rep.metrics["output_sqnr_db"],
                         **{f"float_{k}": v for k, v in self.ref.items() if k != "eval_tokens"},
                         **{f"planned_{k}": v for k, v in final_metrics.items() if k != "eval_tokens"}}
         return plan
+
+    def _transform(self, tm: nn.Module, t: str, names: list[str]) -> set[str] | None:
+        """Apply transform ``t`` in place; the layers whose weights it changed (None: the family refused it)."""
+        steps = _transform_step(t)
+        if not steps:
+            return set()
+        from outlierkit.llm.methods import QuantContext
+
+        before = {n: _weight(tm, n).detach().clone() for n in names}
+        ctx = QuantContext(self.calib, self.weight, self.act)
+        records = steps[0].build(f"plan.{t}").apply(tm, ctx)
+        if t == "rotate" and any(r.info.get("applied") is False for r in records):
+            self.notes.append(f"plan: candidate 'rotate' dropped: {ctx.notes[-1] if ctx.notes else 'refused'}")
+            log(self.notes[-1])
+            return None
+        return {n for n in names if not torch.equal(before[n], _weight(tm, n))}
+
+    @torch.no_grad()
+    def _gptq(self, tm: nn.Module, names: list[str], t: str,
+              sqnr_r: dict[str, float]) -> tuple[nn.Module, dict[str, str], dict[str, float]]:
+        """GPTQ once on a copy of the transformed model; per layer, GPTQ's weights where its measured layer SQNR
+        (calibration inputs, the recipe's formats) beats round-to-nearest, else the float weight (RTN).
+
+        Returns the float model holding the chosen GPTQ weights (they lie on the weight grid, so the probes'
+        RTN pass leaves them unchanged), the choice per layer and GPTQ's layer SQNRs.
+        """
+        from outlierkit.llm.methods import QuantContext
+        from outlierkit.llm.methods.base import float_module, out_weight
+        from outlierkit.llm.methods.gptq import GPTQ
+
+        log(f"plan: {t}: GPTQ on every layer, per-layer SQNR against RTN")
+        gm = copy.deepcopy(tm)
+        GPTQ().apply(gm, QuantContext(self.calib, self.weight, self.act))
+        sqnr_g = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(gm, self.calib).items()}
+        out = copy.deepcopy(tm)
+        rounding: dict[str, str] = {}
+        for n in names:
+            if n not in sqnr_g or not sqnr_g[n] > sqnr_r.get(n, -math.inf):
+                rounding[n] = "rtn"
+                continue
+            rounding[n] = "gptq"
+            _weight(out, n).copy_(out_weight(float_module(gm, n)))
+        del gm
+        return out, rounding, sqnr_g
 
     def _units(self, names: list[str]) -> list[list[str]]:
         """What is kept or quantized together: single layers, or (``fused``) whole fused groups."""
@@ -322,7 +417,8 @@ class Planner:
                 units.append([n])
         return units
 
-    def _search(self, t: str, tm: nn.Module, units: list[list[str]], params: dict[str, int]) -> Probe:
+    def _search(self, t: str, tm: nn.Module, units: list[list[str]], params: dict[str, int],
+                float_src: nn.Module | None = None) -> Probe:
         """Per transform: fewest ranked units kept that meet the loss target, or the best set within bits."""
         def flat(us: list[list[str]]) -> list[str]:
             return [n for u in us for n in u]
@@ -332,29 +428,29 @@ class Planner:
             for u in units:  # greedy in rank order: take a unit if it still fits in the budget
                 if _bits(self.fmt_bits, params, [*kept, *u]) <= self.target.bits + 1e-9:
                     kept.extend(u)
-            return self._evaluate(tm, t, kept, params)
-        p0 = self._evaluate(tm, t, [], params)
+            return self._evaluate(tm, t, kept, params, float_src)
+        p0 = self._evaluate(tm, t, [], params, float_src)
         if self.meets(p0.loss):
             return p0
         lo, hi = 0, len(units)  # lo fails, hi meets (everything float = the float model)
         best: Probe | None = None
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            p = self._evaluate(tm, t, flat(units[:mid]), params)
+            p = self._evaluate(tm, t, flat(units[:mid]), params, float_src)
             if self.meets(p.loss):
                 hi, best = mid, p
             else:
                 lo = mid
         if best is None:
-            best = self._evaluate(tm, t, flat(units[:hi]), params)
+            best = self._evaluate(tm, t, flat(units[:hi]), params, float_src)
         return best
 
     def _uniform(self, tm: nn.Module, t: str, names: list[str], sqnr: dict[str, float],
-                 params: dict[str, int]) -> list[dict[str, Any]]:
+                 params: dict[str, int], float_src: nn.Module | None = None) -> list[dict[str, Any]]:
         """Uniform alternatives: nothing kept; whole projection types kept (worst mean SQNR first)."""
         rows = []
         p0 = next((p for p in self.probes if p.transform == t and not p.kept), None) or \
-            self._evaluate(tm, t, [], params)
+            self._evaluate(tm, t, [], params, float_src)
         rows.append({"uniform": f"{t}, every layer quantized", **p0.row(), "meets": self.meets(p0.loss)})
         if self.target.max_loss is None:
             return rows
@@ -369,7 +465,7 @@ class Planner:
                 break
             kept += types[ty]
             chosen.append(ty)
-            p = self._evaluate(tm, t, kept, params)
+            p = self._evaluate(tm, t, kept, params, float_src)
             rows.append({"uniform": f"{t}, keep all {' + '.join(chosen)}", **p.row(), "meets": self.meets(p.loss)})
         return rows
 
@@ -381,7 +477,7 @@ class Planner:
         for n in names:
             rank = ranked.index(n) + 1
             row: dict[str, Any] = {"layer": n, "spike_ratio": spikes[n].ratio, "in_absmax": spikes[n].absmax}
-            for tt in self.transforms:
+            for tt in per:
                 row[f"sqnr_db_{tt}"] = per[tt]["sqnr"].get(n)
             fmt = f"{self.weight.label() if self.weight else 'float'} / {self.act.label() if self.act else 'float'}"
             if n in kept:
@@ -391,11 +487,18 @@ class Planner:
                                  f"({per[t]['sqnr'].get(n, float('nan')):.1f} dB, spike ratio {spikes[n].ratio:.0f});"
                                  f" the target needs the top {len(best.kept)}")
             else:
+                base, _ = _split(t)
+                rounding = per[t]["rounding"].get(n, "rtn")
                 row["precision"] = fmt
-                row["method"] = t if n in per[t]["touched"] else "rtn"
-                how = (f"scaled by {t}" if n in per[t]["touched"] else
-                       "no fold reaches it" if t != "rtn" else "plain RTN")
+                touched = n in per[t]["touched"]
+                row["method"] = (f"{base}+gptq" if touched and rounding == "gptq" else base if touched else rounding)
+                how = (f"{'rotated' if base == 'rotate' else 'scaled'} by {base}" if n in per[t]["touched"] else
+                       "no fold reaches it" if base != "rtn" else "no transform")
                 db = per[t]["sqnr"].get(n, float("nan"))
+                if per[t]["rounding"]:
+                    g, r = per[t]["sqnr"].get(n, float("nan")), per[t]["sqnr_rtn"].get(n, float("nan"))
+                    how += (f"; GPTQ {g:.1f} dB beats RTN {r:.1f} dB" if rounding == "gptq"
+                            else f"; RTN {r:.1f} dB, GPTQ measured no better")
                 row["reason"] = f"quantized ({how}); rank {rank}/{len(names)}, {db:.1f} dB"
             row["params"] = params[n]
             rows.append(row)
@@ -412,6 +515,8 @@ def plan_report(plan: Plan, target: PlanTarget, config: dict[str, Any]) -> Any:
     rep.add_table("layers", plan.layers)
     rep.add_table("uniform", plan.uniform)
     rep.add_table("probes", [p.row() for p in plan.probes])
+    for note in plan.notes:
+        rep.warn(note)
     if not plan.meets_target:
         rep.warn(f"the planned recipe misses the target ({target.label()}): loss {plan.loss:.4g}")
     return rep

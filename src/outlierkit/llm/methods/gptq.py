@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -270,6 +270,8 @@ class GPTQ(QuantMethod):
         experts: fused MoE experts (3-D weights): ``error`` (default; GPTQ needs per-expert Hessians, not
             implemented) or ``rtn`` (round them to nearest and say so).
         dtype: working precision of the column loop, ``float32`` (default) or ``float64``.
+        rtn_layers: FQNs left to the final ``rtn`` pass (rounded to nearest, not GPTQ; the planner's
+            per-layer choice where GPTQ was measured not to help).
     """
 
     block_size: int = 128
@@ -278,6 +280,7 @@ class GPTQ(QuantMethod):
     static_groups: bool = True
     experts: Literal["error", "rtn"] = "error"
     dtype: Literal["float32", "float64"] = "float32"
+    rtn_layers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -310,7 +313,7 @@ class GPTQ(QuantMethod):
         experts_rtn: list[str] = []
         for fqn, layer in mm.linears.items():
             weight, _, skipped = ctx.formats_for(fqn)
-            if skipped or weight is None:
+            if skipped or weight is None or fqn in self.rtn_layers:
                 continue
             mod = get_attr(model, fqn)
             inner = mod.inner if isinstance(mod, QuantLinear) else mod
