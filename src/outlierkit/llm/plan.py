@@ -365,8 +365,8 @@ class Planner:
         ctx = QuantContext(self.calib, self.weight, self.act)
         records = steps[0].build(f"plan.{t}").apply(tm, ctx)
         if t == "rotate" and any(r.info.get("applied") is False for r in records):
+            # shown once, as a report warning (console and report.json)
             self.notes.append(f"plan: candidate 'rotate' dropped: {ctx.notes[-1] if ctx.notes else 'refused'}")
-            log(self.notes[-1])
             return None
         return {n for n in names if not torch.equal(before[n], _weight(tm, n))}
 
