@@ -141,6 +141,9 @@ def test_per_layer_rounding_mixes_gptq_and_rtn(tok, data):
     recipe = planner.recipe("rtn+gptq", [names[-1]], rtn_layers)
     assert recipe.steps[-1].method == "gptq"
     assert recipe.steps[-1].params["rtn_layers"] == [n for n in rtn_layers if n != names[-1]]
+    import yaml
+
+    recipe = Recipe.from_dict(yaml.safe_load(recipe.to_yaml()))  # as written to recipe.yaml
     recipe.calib = CalibConfig(min_tokens=1)
     m = copy.deepcopy(model)
     quantize_(m, recipe, data[0], baseline=False)
