@@ -189,7 +189,8 @@ class Planner:
         calib: calibration batches. eval_data: held-out data (its float reference is filled here).
         weight / act: formats of the quantized layers (default W8A8: int8-channel / int8-tensor).
         target: :class:`PlanTarget`.
-        transforms: candidate transforms (default rtn, smoothquant, os_plus).
+        transforms: candidate transforms (default rtn, smoothquant, os_plus; also ``rotate``, folded only) and
+            ``gptq`` (each transform is then also tried with GPTQ, chosen per layer where it measures better).
         metric: ``auto`` (default: ``ppl`` for causal LMs, ``cos`` for encoders), ``ppl``, ``top1`` or ``cos``.
         calib_config: the recipe's calibration settings (written into the recipe).
         profile: a saved activation profile with linear-input sites (default: profile ``calib`` now); only
@@ -201,7 +202,7 @@ class Planner:
 
     def __init__(self, model: nn.Module, tokenizer: Any, calib: list[Batch], eval_data: EvalData, *,
                  weight: Format | None, act: Format | None, target: PlanTarget,
-                 transforms: Sequence[str] = TRANSFORMS, metric: str = "auto",
+                 transforms: Sequence[str] = ("rtn", "smoothquant", "os_plus"), metric: str = "auto",
                  calib_config: CalibConfig | None = None, name: str = "planned",
                  profile: str | None = None, fused: bool = False) -> None:
         if metric not in METRICS:
