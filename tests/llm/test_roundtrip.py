@@ -195,13 +195,18 @@ def test_recipe_round_trips_on_minilm(spec, tmp_path):
         assert all(torch.equal(g, o) for g, o in zip(got, ours, strict=True)), fmt
 
 
-@pytest.mark.parametrize("weight", ["int4-g32", "int8-channel"])
-@pytest.mark.parametrize("steps", [[{"gptq": {}}], [{"rotate": {}}, {"gptq": {}}]], ids=["gptq", "rotate+gptq"])
-def test_gptq_exports_as_compressed_tensors_and_reloads_exactly(weight, steps, llama, batches, tok, tmp_path):
-    """GPTQ (and QuaRot-style rotate + GPTQ) weight-only models save as compressed-tensors (pack-quantized for
-    4 bits) and transformers reloads the logits outlierkit computed, bit for bit: GPTQ's grid is the deployed
-    grid (its pinned extremes give back every granule's scale on re-derivation)."""
-    recipe = load_recipe({"weight": weight, "steps": steps})
+@pytest.mark.parametrize("weight,act", [("int4-g32", None), ("int8-channel", None), ("int8-channel", "int8-token")],
+                         ids=["w4a16-g32", "w8a16", "w8a8-token"])
+@pytest.mark.parametrize("steps", [[{"gptq": {}}], [{"rotate": {}}, {"gptq": {}}], [{"rotate": {}}, {"rtn": {}}]],
+                         ids=["gptq", "rotate+gptq", "rotate+rtn"])
+def test_gptq_and_rotation_export_as_compressed_tensors_and_reload_exactly(weight, act, steps, llama, batches, tok,
+                                                                           tmp_path):
+    """GPTQ and QuaRot-style rotate (+ GPTQ or RTN) models save as compressed-tensors (pack-quantized for 4-bit
+    weights), transformers reloads the logits outlierkit computed bit for bit (GPTQ's grid is the deployed grid:
+    its pinned extremes give back every granule's scale), and vLLM's scheme rules accept the export."""
+    from outlierkit.llm.export_ct import vllm_problems
+
+    recipe = load_recipe({"weight": weight, "act": act, "steps": steps})
     recipe.calib = CalibConfig(min_tokens=1)
     m = copy.deepcopy(llama)
     quantize_(m, recipe, batches, baseline=False, target="transformers")
@@ -214,3 +219,4 @@ def test_gptq_exports_as_compressed_tensors_and_reloads_exactly(weight, steps, l
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     got = _logits(back, batches)
     assert torch.equal(got, ours), f"reload differs by {float((got - ours).abs().max())}"
+    assert not vllm_problems(m), vllm_problems(m)
