@@ -413,6 +413,7 @@ class SiteAccumulator:
         self._mass_count = torch.zeros((), dtype=torch.long, device=device)
         self._cand: list[tuple[torch.Tensor, ...]] = []  # per chunk: massive-test candidates (end_hook)
         self._powers = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0], **f64)  # of d1, d2, d3, d4, dabs (made once)
+        self._ones = torch.ones(channels, **f32)  # row sums by matrix-vector product (_massive)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, chunk: Chunk, *, massive_abs: float = 100.0,
@@ -435,36 +436,46 @@ class SiteAccumulator:
         ch = (~torch.isfinite(xc.index_select(0, j.reshape(1))[0])).to(torch.int8).argmax()
         first = (self.sums[_NONFINITE] == 0) & (nbad > 0)
         self.loc_nonfinite = torch.where(first, _loc(info, j, ch), self.loc_nonfinite)
-        # float32 copy of the chunk (a copy even if x is float32: it is filled in place below)
+        # float32 copy of the chunk (a copy even if x is float32: it is modified in place below)
         xs = xc.to(torch.float32, copy=chunk.rows is None)  # (n, C)
         del xc
-        badc = bad[:, None]
-        # signed extremes with locations: channel from the per-channel extremes, then the token in it;
-        # non-finite rows are excluded by filling them with -inf / +inf / 0 in turn
-        xs.masked_fill_(badc, -math.inf)
-        cmax = xs.amax(dim=0)  # (C,)
+        # Non-finite rows are excluded by zeroing them (for the sums); for the extremes they hold a copy of
+        # the first finite row r0 (whose values are present anyway), added and taken out again with a
+        # rank-1 update. Hand-written instead of masked_fill_ with a (n, 1) row mask: on CPU that costs
+        # about 7x these three elementwise passes (bench/profile_overhead.py, BENCHMARKS.md section 1).
+        xs.nan_to_num_(0.0, 0.0, 0.0)
+        xs.mul_(fin.to(torch.float32)[:, None])
+        anyfin = fin.any()
+        r0 = fin.to(torch.int8).argmax()
+        badf = bad.to(torch.float32)
+        g = xs.index_select(0, r0.reshape(1))[0]  # (C,) a copy of row r0 (zeros if no row is finite)
+        xs.addr_(badf, g)
+        # signed extremes with locations: channel from the per-channel extremes, then the token in it (a
+        # bad row that ties is a copy of r0, the first finite row: the location is r0's)
+        cmax = xs.amax(dim=0).masked_fill_(~anyfin, -math.inf)  # (C,)
         jmax = cmax.argmax()
         tm = xs.index_select(1, jmax.reshape(1)).argmax()
+        tm = torch.where(_at(bad, tm), r0, tm)
         vmax = _at(cmax, jmax)
         better = vmax > self.vmax
         self.loc_max = torch.where(better, _loc(info, tm, jmax), self.loc_max)
         self.vmax = torch.where(better, vmax, self.vmax)
-        xs.masked_fill_(badc, math.inf)
-        cmin = xs.amin(dim=0)
+        cmin = xs.amin(dim=0).masked_fill_(~anyfin, math.inf)
         jmin = cmin.argmin()
         tn = xs.index_select(1, jmin.reshape(1)).argmin()
+        tn = torch.where(_at(bad, tn), r0, tn)
         vmin = _at(cmin, jmin)
         better = vmin < self.vmin
         self.loc_min = torch.where(better, _loc(info, tn, jmin), self.loc_min)
         self.vmin = torch.where(better, vmin, self.vmin)
         self.ch_min = torch.minimum(self.ch_min, cmin)
         self.ch_max = torch.maximum(self.ch_max, cmax)
-        xs.masked_fill_(badc, 0.0)
+        xs.addr_(badf, g, alpha=-1)  # bad rows back to exact zeros (g - g)
+        del g
         n_fin = n - nbad  # 0-d tensor
         flat = xs.reshape(-1)
         s1 = xs.sum()
         s2 = flat @ flat  # BLAS dot: no temporary
-        sabs = torch.linalg.vector_norm(flat, ord=1)
         # Top-k |x|: the global top-k elements all lie in the k tokens with the largest per-token max
         key = tmax.masked_fill(bad, -1.0)
         k = min(TOPK, n)
@@ -486,6 +497,8 @@ class SiteAccumulator:
         # err = round(clamp(x, -T, T) / s) * s - x with s = T / 127 (the outer clamp of the reference formula
         # is a no-op since |clamp(x) / s| <= 127)
         if self.thresholds:
+            # sum |x| (abs + sum: linalg.vector_norm(ord=1) is about 4x slower on CPU)
+            sabs = xs.abs().sum()
             i8 = []
             for t in self.thresholds:
                 if not t > 0:
@@ -520,8 +533,9 @@ class SiteAccumulator:
         sub.mul_(torch.ldexp(torch.ones((), device=xs.device), -e.to(torch.int32)))
         sflat = sub.reshape(-1)
         sq = sflat * sflat
-        d = torch.stack([sflat.sum(), sflat @ sflat, sq @ sflat, sq @ sq,
-                         torch.linalg.vector_norm(sflat, ord=1)]).double()
+        d3, d4 = sq @ sflat, sq @ sq
+        del sq
+        d = torch.stack([sflat.sum(), sflat @ sflat, d3, d4, sflat.abs().sum()]).double()
         d = d * torch.exp2(e * self._powers)
         zero = torch.zeros((), dtype=torch.float64, device=xs.device)
         mass = self._mass_count if self.per_token else zero
@@ -537,7 +551,9 @@ class SiteAccumulator:
         """
         n, c = xs.shape
         thr = (tmax / massive_ratio)[:, None]  # (n, 1)
-        below = ((xs < thr) & (xs > -thr)).sum(dim=1)  # values with |x| < thr, per token
+        # values with |x| < thr per token, as a 0/1 float matrix times ones (exact below 2**24 channels):
+        # one fp32 temporary and a BLAS product, about 10x faster on CPU than comparisons and a bool sum
+        below = xs.abs().lt_(thr) @ self._ones  # (n,)
         hits = (tmax > massive_abs) & (below >= (c - 1) // 2 + 1) & fin  # (n,)
         self._mass_count = hits.sum()
         if chunk.massive_any is not None:
