@@ -413,7 +413,7 @@ class SiteAccumulator:
         self._mass_count = torch.zeros((), dtype=torch.long, device=device)
         self._cand: list[tuple[torch.Tensor, ...]] = []  # per chunk: massive-test candidates (end_hook)
         self._powers = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0], **f64)  # of d1, d2, d3, d4, dabs (made once)
-        self._ones = torch.ones(channels, **f32)  # row sums by matrix-vector product (_massive)
+        self._ones = torch.ones(channels, **f32)  # row sums by matrix-vector product
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, chunk: Chunk, *, massive_abs: float = 100.0,
@@ -497,8 +497,10 @@ class SiteAccumulator:
         # err = round(clamp(x, -T, T) / s) * s - x with s = T / 127 (the outer clamp of the reference formula
         # is a no-op since |clamp(x) / s| <= 127)
         if self.thresholds:
-            # sum |x| (abs + sum: linalg.vector_norm(ord=1) is about 4x slower on CPU)
-            sabs = xs.abs().sum()
+            # |x| once for every threshold: sum |x| (abs + sum: linalg.vector_norm(ord=1) is about 4x slower
+            # on CPU) and the clip counts
+            a = xs.abs()
+            sabs = a.sum()
             i8 = []
             for t in self.thresholds:
                 if not t > 0:
@@ -506,13 +508,18 @@ class SiteAccumulator:
                     continue
                 s = t / 127.0
                 cl = xs.clamp(-t, t)
-                clipped = (cl != xs).sum()  # |x| > T: one comparison against the clamped copy
                 err = cl.div_(s).round_().mul_(s).sub_(xs).reshape(-1)
                 se2 = err @ err
                 sae = err.abs_().sum()
-                del cl, err
+                del err
+                # |x| > T as 0/1 floats into the free buffer, counted per row by a matrix-vector product
+                # (exact: at most C per row) and summed in float64: about 5x faster on CPU than a bool
+                # comparison and its sum
+                clipped = (torch.gt(a, t, out=cl) @ self._ones).sum(dtype=torch.float64)
+                del cl
                 i8.append(torch.stack([(n_fin * c).double(), s2.double(), se2.double(), sabs.double(),
-                                       sae.double(), clipped.double()]))
+                                       sae.double(), clipped]))
+            del a
             self.int8 += torch.stack(i8)
         # distribution statistics over the token subsample: histogram of |x| on the float32 bit pattern,
         # power sums for kurtosis, mean |x|
