@@ -414,6 +414,17 @@ class SiteAccumulator:
         self._cand: list[tuple[torch.Tensor, ...]] = []  # per chunk: massive-test candidates (end_hook)
         self._powers = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0], **f64)  # of d1, d2, d3, d4, dabs (made once)
         self._ones = torch.ones(channels, **f32)  # row sums by matrix-vector product
+        # constants of every update, made once (each small tensor op costs about 10 us on CPU, a large share
+        # of a hook at small widths): the histogram increment, the int64 zero, and the float64 scales that
+        # turn the float32 per-chunk sums into SiteAccumulator.sums / .int8 rows (row counts times C, power
+        # sums of the rescaled copy times 2**(e * power))
+        self._one = torch.ones((), **i64)
+        self._zero = torch.zeros((), **i64)
+        self._scale = torch.ones(11, **f64)
+        self._scale[_DCOUNT] = channels
+        self._pow = torch.zeros(11, **f64)
+        self._pow[_D1:_DABS + 1] = self._powers
+        self._i8_scale = torch.tensor([float(channels), 1, 1, 1, 1, 1], **f64)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, chunk: Chunk, *, massive_abs: float = 100.0,
@@ -490,7 +501,6 @@ class SiteAccumulator:
         _, order = allv.abs().nan_to_num(-1.0).topk(TOPK)
         self.top_vals, self.top_locs = allv[order], alll[order]
         del cand  # temporaries are released as soon as they are used: the peak stays within the budget
-        parts = [n_fin, s1, s2]
         if self.per_token:
             self._massive(xs, tmax, fin, rows, info, chunk, massive_abs, massive_ratio)
         # INT8 reconstruction error per threshold T (fused into this pass):
@@ -502,6 +512,7 @@ class SiteAccumulator:
             a = xs.abs()
             sabs = a.sum()
             i8 = []
+            fin_rows = n_fin.float()  # exact: at most the chunk's rows
             for t in self.thresholds:
                 if not t > 0:
                     i8.append(torch.zeros(len(_I8_FIELDS), dtype=torch.float64, device=xs.device))
@@ -517,10 +528,9 @@ class SiteAccumulator:
                 # comparison and its sum
                 clipped = (torch.gt(a, t, out=cl) @ self._ones).sum(dtype=torch.float64)
                 del cl
-                i8.append(torch.stack([(n_fin * c).double(), s2.double(), se2.double(), sabs.double(),
-                                       sae.double(), clipped]))
+                i8.append(torch.cat([torch.stack([fin_rows, s2, se2, sabs, sae]).double(), clipped.reshape(1)]))
             del a
-            self.int8 += torch.stack(i8)
+            self.int8 += torch.stack(i8) * self._i8_scale  # count: rows x C
         # distribution statistics over the token subsample: histogram of |x| on the float32 bit pattern,
         # power sums for kurtosis, mean |x|
         if chunk.keep is None:
@@ -528,11 +538,11 @@ class SiteAccumulator:
         else:
             sub, fsub = xs.index_select(0, chunk.keep), fin.index_select(0, chunk.keep)
         bins = (sub.view(torch.int32) & 0x7FFFFFFF).bitwise_right_shift_(HIST_SHIFT).reshape(-1)  # (n_sub*C,)
-        self.hist.index_add_(0, bins, torch.ones((), dtype=torch.long, device=xs.device).expand(bins.numel()))
+        self.hist.index_add_(0, bins, self._one.expand(bins.numel()))
         del bins
         # non-finite rows were filled with zeros: take their elements out of bin 0 again
-        dcount = fsub.sum() * c
-        self.hist[0] -= sub.shape[0] * c - dcount
+        drows = fsub.sum()
+        self.hist[0] -= (sub.shape[0] - drows) * c
         # power sums in float32 on a power-of-two rescaled copy (exact scaling: x^4 cannot overflow), then
         # scaled back in float64
         amax = tmax.masked_fill(bad, 0.0).max()
@@ -542,12 +552,12 @@ class SiteAccumulator:
         sq = sflat * sflat
         d3, d4 = sq @ sflat, sq @ sq
         del sq
-        d = torch.stack([sflat.sum(), sflat @ sflat, d3, d4, sflat.abs().sum()]).double()
-        d = d * torch.exp2(e * self._powers)
-        zero = torch.zeros((), dtype=torch.float64, device=xs.device)
-        mass = self._mass_count if self.per_token else zero
-        self.sums += torch.cat([torch.stack([p.double() for p in (*parts, dcount)]), d,
-                                torch.stack([mass.double(), nbad.double()])])
+        mass = self._mass_count if self.per_token else self._zero
+        # one float32 vector in _TOKENS.._NONFINITE order (counts are rows of this chunk: exact in float32),
+        # to float64 once, then scaled there (dcount rows x C; power sums back from the rescaled copy)
+        v = torch.stack([n_fin.float(), s1, s2, drows.float(), sflat.sum(), sflat @ sflat, d3, d4,
+                         sflat.abs().sum(), mass.float(), nbad.float()]).double()
+        self.sums += v * (self._scale * torch.exp2(e * self._pow))
 
     def _massive(self, xs: torch.Tensor, tmax: torch.Tensor, fin: torch.Tensor, top_rows: torch.Tensor,
                  info: torch.Tensor, chunk: Chunk, massive_abs: float, massive_ratio: float) -> None:
