@@ -21,8 +21,9 @@ HIST_BINS = 1 << (31 - HIST_SHIFT)
 TOPK = 16
 MAX_MASSIVE_RECORDS = 64
 # Temporary memory of one site's update: the activation is processed in chunks of token rows so that the
-# float32 copies and temporaries (about TEMP_BYTES_PER_ELEM bytes per element of a chunk: the fp32 copy, one
-# fp32 temporary, one int32/bool temporary) stay within 1x the activation's own size; chunks never go below
+# float32 copies and temporaries (at most TEMP_BYTES_PER_ELEM bytes per element of a chunk: the fp32 copy and
+# at most two fp32 temporaries, |x| and the clamped copy of the INT8 check) stay within 1x the activation's own
+# size (measured peak: 0.76x with the INT8 check, tests/llm/test_profile_scale.py); chunks never go below
 # MIN_CHUNK_ELEMS elements (1 MiB of fp32): below that, per-chunk kernel launches cost more time than the memory.
 TEMP_BYTES_PER_ELEM = 16
 MIN_CHUNK_ELEMS = 1 << 18
@@ -413,6 +414,18 @@ class SiteAccumulator:
         self._mass_count = torch.zeros((), dtype=torch.long, device=device)
         self._cand: list[tuple[torch.Tensor, ...]] = []  # per chunk: massive-test candidates (end_hook)
         self._powers = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0], **f64)  # of d1, d2, d3, d4, dabs (made once)
+        self._ones = torch.ones(channels, **f32)  # row sums by matrix-vector product
+        # constants of every update, made once (each small tensor op costs about 10 us on CPU, a large share
+        # of a hook at small widths): the histogram increment, the int64 zero, and the float64 scales that
+        # turn the float32 per-chunk sums into SiteAccumulator.sums / .int8 rows (row counts times C, power
+        # sums of the rescaled copy times 2**(e * power))
+        self._one = torch.ones((), **i64)
+        self._zero = torch.zeros((), **i64)
+        self._scale = torch.ones(11, **f64)
+        self._scale[_DCOUNT] = channels
+        self._pow = torch.zeros(11, **f64)
+        self._pow[_D1:_DABS + 1] = self._powers
+        self._i8_scale = torch.tensor([float(channels), 1, 1, 1, 1, 1], **f64)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, chunk: Chunk, *, massive_abs: float = 100.0,
@@ -435,36 +448,46 @@ class SiteAccumulator:
         ch = (~torch.isfinite(xc.index_select(0, j.reshape(1))[0])).to(torch.int8).argmax()
         first = (self.sums[_NONFINITE] == 0) & (nbad > 0)
         self.loc_nonfinite = torch.where(first, _loc(info, j, ch), self.loc_nonfinite)
-        # float32 copy of the chunk (a copy even if x is float32: it is filled in place below)
+        # float32 copy of the chunk (a copy even if x is float32: it is modified in place below)
         xs = xc.to(torch.float32, copy=chunk.rows is None)  # (n, C)
         del xc
-        badc = bad[:, None]
-        # signed extremes with locations: channel from the per-channel extremes, then the token in it;
-        # non-finite rows are excluded by filling them with -inf / +inf / 0 in turn
-        xs.masked_fill_(badc, -math.inf)
-        cmax = xs.amax(dim=0)  # (C,)
+        # Non-finite rows are excluded by zeroing them (for the sums); for the extremes they hold a copy of
+        # the first finite row r0 (whose values are present anyway), added and taken out again with a
+        # rank-1 update. Hand-written instead of masked_fill_ with a (n, 1) row mask: on CPU that costs
+        # about 7x these three elementwise passes (bench/profile_overhead.py, BENCHMARKS.md section 1).
+        xs.nan_to_num_(0.0, 0.0, 0.0)
+        xs.mul_(fin.to(torch.float32)[:, None])
+        anyfin = fin.any()
+        r0 = fin.to(torch.int8).argmax()
+        badf = bad.to(torch.float32)
+        g = xs.index_select(0, r0.reshape(1))[0]  # (C,) a copy of row r0 (zeros if no row is finite)
+        xs.addr_(badf, g)
+        # signed extremes with locations: channel from the per-channel extremes, then the token in it (a
+        # bad row that ties is a copy of r0, the first finite row: the location is r0's)
+        cmax = xs.amax(dim=0).masked_fill_(~anyfin, -math.inf)  # (C,)
         jmax = cmax.argmax()
         tm = xs.index_select(1, jmax.reshape(1)).argmax()
+        tm = torch.where(_at(bad, tm), r0, tm)
         vmax = _at(cmax, jmax)
         better = vmax > self.vmax
         self.loc_max = torch.where(better, _loc(info, tm, jmax), self.loc_max)
         self.vmax = torch.where(better, vmax, self.vmax)
-        xs.masked_fill_(badc, math.inf)
-        cmin = xs.amin(dim=0)
+        cmin = xs.amin(dim=0).masked_fill_(~anyfin, math.inf)
         jmin = cmin.argmin()
         tn = xs.index_select(1, jmin.reshape(1)).argmin()
+        tn = torch.where(_at(bad, tn), r0, tn)
         vmin = _at(cmin, jmin)
         better = vmin < self.vmin
         self.loc_min = torch.where(better, _loc(info, tn, jmin), self.loc_min)
         self.vmin = torch.where(better, vmin, self.vmin)
         self.ch_min = torch.minimum(self.ch_min, cmin)
         self.ch_max = torch.maximum(self.ch_max, cmax)
-        xs.masked_fill_(badc, 0.0)
+        xs.addr_(badf, g, alpha=-1)  # bad rows back to exact zeros (g - g)
+        del g
         n_fin = n - nbad  # 0-d tensor
         flat = xs.reshape(-1)
         s1 = xs.sum()
         s2 = flat @ flat  # BLAS dot: no temporary
-        sabs = torch.linalg.vector_norm(flat, ord=1)
         # Top-k |x|: the global top-k elements all lie in the k tokens with the largest per-token max
         key = tmax.masked_fill(bad, -1.0)
         k = min(TOPK, n)
@@ -479,28 +502,36 @@ class SiteAccumulator:
         _, order = allv.abs().nan_to_num(-1.0).topk(TOPK)
         self.top_vals, self.top_locs = allv[order], alll[order]
         del cand  # temporaries are released as soon as they are used: the peak stays within the budget
-        parts = [n_fin, s1, s2]
         if self.per_token:
             self._massive(xs, tmax, fin, rows, info, chunk, massive_abs, massive_ratio)
         # INT8 reconstruction error per threshold T (fused into this pass):
         # err = round(clamp(x, -T, T) / s) * s - x with s = T / 127 (the outer clamp of the reference formula
         # is a no-op since |clamp(x) / s| <= 127)
         if self.thresholds:
+            # |x| once for every threshold: sum |x| (abs + sum: linalg.vector_norm(ord=1) is about 4x slower
+            # on CPU) and the clip counts
+            a = xs.abs()
+            sabs = a.sum()
             i8 = []
+            fin_rows = n_fin.float()  # exact: at most the chunk's rows
             for t in self.thresholds:
                 if not t > 0:
                     i8.append(torch.zeros(len(_I8_FIELDS), dtype=torch.float64, device=xs.device))
                     continue
                 s = t / 127.0
                 cl = xs.clamp(-t, t)
-                clipped = (cl != xs).sum()  # |x| > T: one comparison against the clamped copy
                 err = cl.div_(s).round_().mul_(s).sub_(xs).reshape(-1)
                 se2 = err @ err
                 sae = err.abs_().sum()
-                del cl, err
-                i8.append(torch.stack([(n_fin * c).double(), s2.double(), se2.double(), sabs.double(),
-                                       sae.double(), clipped.double()]))
-            self.int8 += torch.stack(i8)
+                del err
+                # |x| > T as 0/1 floats into the free buffer, counted per row by a matrix-vector product
+                # (exact: at most C per row) and summed in float64: about 5x faster on CPU than a bool
+                # comparison and its sum
+                clipped = (torch.gt(a, t, out=cl) @ self._ones).sum(dtype=torch.float64)
+                del cl
+                i8.append(torch.cat([torch.stack([fin_rows, s2, se2, sabs, sae]).double(), clipped.reshape(1)]))
+            del a
+            self.int8 += torch.stack(i8) * self._i8_scale  # count: rows x C
         # distribution statistics over the token subsample: histogram of |x| on the float32 bit pattern,
         # power sums for kurtosis, mean |x|
         if chunk.keep is None:
@@ -508,11 +539,11 @@ class SiteAccumulator:
         else:
             sub, fsub = xs.index_select(0, chunk.keep), fin.index_select(0, chunk.keep)
         bins = (sub.view(torch.int32) & 0x7FFFFFFF).bitwise_right_shift_(HIST_SHIFT).reshape(-1)  # (n_sub*C,)
-        self.hist.index_add_(0, bins, torch.ones((), dtype=torch.long, device=xs.device).expand(bins.numel()))
+        self.hist.index_add_(0, bins, self._one.expand(bins.numel()))
         del bins
         # non-finite rows were filled with zeros: take their elements out of bin 0 again
-        dcount = fsub.sum() * c
-        self.hist[0] -= sub.shape[0] * c - dcount
+        drows = fsub.sum()
+        self.hist[0] -= (sub.shape[0] - drows) * c
         # power sums in float32 on a power-of-two rescaled copy (exact scaling: x^4 cannot overflow), then
         # scaled back in float64
         amax = tmax.masked_fill(bad, 0.0).max()
@@ -520,13 +551,14 @@ class SiteAccumulator:
         sub.mul_(torch.ldexp(torch.ones((), device=xs.device), -e.to(torch.int32)))
         sflat = sub.reshape(-1)
         sq = sflat * sflat
-        d = torch.stack([sflat.sum(), sflat @ sflat, sq @ sflat, sq @ sq,
-                         torch.linalg.vector_norm(sflat, ord=1)]).double()
-        d = d * torch.exp2(e * self._powers)
-        zero = torch.zeros((), dtype=torch.float64, device=xs.device)
-        mass = self._mass_count if self.per_token else zero
-        self.sums += torch.cat([torch.stack([p.double() for p in (*parts, dcount)]), d,
-                                torch.stack([mass.double(), nbad.double()])])
+        d3, d4 = sq @ sflat, sq @ sq
+        del sq
+        mass = self._mass_count if self.per_token else self._zero
+        # one float32 vector in _TOKENS.._NONFINITE order (counts are rows of this chunk: exact in float32),
+        # to float64 once, then scaled there (dcount rows x C; power sums back from the rescaled copy)
+        v = torch.stack([n_fin.float(), s1, s2, drows.float(), sflat.sum(), sflat @ sflat, d3, d4,
+                         sflat.abs().sum(), mass.float(), nbad.float()]).double()
+        self.sums += v * (self._scale * torch.exp2(e * self._pow))
 
     def _massive(self, xs: torch.Tensor, tmax: torch.Tensor, fin: torch.Tensor, top_rows: torch.Tensor,
                  info: torch.Tensor, chunk: Chunk, massive_abs: float, massive_ratio: float) -> None:
@@ -537,7 +569,9 @@ class SiteAccumulator:
         """
         n, c = xs.shape
         thr = (tmax / massive_ratio)[:, None]  # (n, 1)
-        below = ((xs < thr) & (xs > -thr)).sum(dim=1)  # values with |x| < thr, per token
+        # values with |x| < thr per token, as a 0/1 float matrix times ones (exact below 2**24 channels):
+        # one fp32 temporary and a BLAS product, about 10x faster on CPU than comparisons and a bool sum
+        below = xs.abs().lt_(thr) @ self._ones  # (n,)
         hits = (tmax > massive_abs) & (below >= (c - 1) // 2 + 1) & fin  # (n,)
         self._mass_count = hits.sum()
         if chunk.massive_any is not None:
