@@ -58,10 +58,10 @@ def _regular_file(tmp: Path) -> Path:
 
 # (argv with {OUT} and {X} placeholders, message fragment, fixture builder for {X})
 CASES = [
-    (["eval", "--threads", "0"], "--threads: must be >= 1", None),
-    (["eval", "--steps", "0"], "--steps: must be >= 1", None),
-    (["generate", "--prompt", PROMPT, "--steps", "0"], "--steps: must be >= 1", None),
-    (["eval", "-n", "0"], "must be >= 1", None),
+    (["eval", "--threads", "0"], "--threads: must be an integer >= 1", None),
+    (["eval", "--steps", "0"], "--steps: must be an integer >= 1", None),
+    (["generate", "--prompt", PROMPT, "--steps", "0"], "--steps: must be an integer >= 1", None),
+    (["eval", "-n", "0"], "must be an integer >= 1", None),
     (["eval", "-n", "100000000"], "more than this machine's memory", None),
     (["eval", "--task", "parity-chain"], "does not match the checkpoint", None),
     (["eval", "--chat"], "--chat needs a tokenizer", None),
@@ -83,9 +83,9 @@ CASES = [
     (["eval", "--max-memory", "lots"], "not understood", None),
     (["eval", "--dev", "-1"], "--dev must be >= 0", None),
     (["eval", "--max-memory", "1KiB"], "below one row", None),
-    (["generate", "--prompt", PROMPT, "--batch-rows", "0"], "--batch-rows: must be >= 1", None),
+    (["generate", "--prompt", PROMPT, "--batch-rows", "0"], "--batch-rows: must be an integer >= 1", None),
     (["train-tiny", "--task", "nope"], "nope", None),
-    (["train-tiny", "--steps", "0"], "--steps: must be >= 1", None),
+    (["train-tiny", "--steps", "0"], "--steps: must be an integer >= 1", None),
     (["train-tiny", "--lr", "-1"], "--lr: must be a finite number >= 0", None),
     (["train-tiny", "--init-from", "{X}"], "another task or model size", None),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
+from outlierkit._utils.args import nonneg_float, positive_int
 from outlierkit.errors import ConfigError, DataError
 
 #: Decoded paths whose records an eval may keep in memory, per GiB of RAM (a PathRecord with its
@@ -27,27 +28,6 @@ def _ints(text: str) -> tuple[int, ...]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return vals
-
-
-def _pos_int(text: str) -> int:
-    """An integer >= 1 (``0`` used to fall back silently to the default)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
 
 
 def _memory(text: str) -> int:
@@ -103,24 +83,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedules", default=None,
                    help="block sizes or names, comma-separated: '8,16,32', '8:margin', 'topk_margin', "
                         "'random', 'full' (default: the tiny task's, else 8,16,32,64,128)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.9, help="Gumbel temperature (default: 0.9)")
-    p.add_argument("--gen-length", type=_pos_int, default=None,
+    p.add_argument("--temperature", type=nonneg_float, default=0.9, help="Gumbel temperature (default: 0.9)")
+    p.add_argument("--gen-length", type=positive_int, default=None,
                    help="answer length (default: tiny task's, else 256)")
-    p.add_argument("--steps", type=_pos_int, default=None, help="denoising steps (default: gen-length / 2)")
-    p.add_argument("--cfg-scale", type=_nonneg_float, default=0.0, help="classifier-free guidance (default: 0)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: gen-length / 2)")
+    p.add_argument("--cfg-scale", type=nonneg_float, default=0.0, help="classifier-free guidance (default: 0)")
     p.add_argument("--eos-last", action="store_true", help="commit EOS/EoT last (held back by score)")
     p.add_argument("--suppress-eos", action="store_true", help="never propose EOS/EoT")
     p.add_argument("--extractor", default=None,
                    help="answer extractor: gsm8k, boxed, mc, after_hash (default: tiny after_hash, else gsm8k)")
     p.add_argument("--vote", default="majority", help="vote rule (default: majority)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
-    p.add_argument("--batch-rows", type=_pos_int, default=None,
+    p.add_argument("--batch-rows", type=positive_int, default=None,
                    help="rows (prompt x schedule x seed) per batched decode (default: from --max-memory; "
                         "at most 256 on CPU, where 128-256 rows ran fastest)")
     p.add_argument("--max-memory", type=_memory, default=None,
                    help="memory budget of a batched decode, e.g. 40GiB (default: 80%% of free GPU memory, "
                         "half the available RAM on CPU)")
-    p.add_argument("--threads", type=_pos_int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,12 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--task", default="pointer-chase-k",
                    help="registered tiny task: pointer-chase-k, parity-chain, or pointer-chase (hides the hop "
                         "count, so answers are ambiguous; kept to reproduce that finding) (default: pointer-chase-k)")
-    t.add_argument("--steps", type=_pos_int, default=2000, help="optimizer steps (default: 2000)")
-    t.add_argument("--batch-size", type=_pos_int, default=128, help="batch size (default: 128)")
-    t.add_argument("--lr", type=_nonneg_float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    t.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps (default: 2000)")
+    t.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default: 128)")
+    t.add_argument("--lr", type=nonneg_float, default=2e-3, help="peak learning rate (default: 2e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    t.add_argument("--threads", type=_pos_int, default=1, help="torch threads (default: 1)")
-    t.add_argument("--warmup", type=_pos_int, default=None, help="warm-up steps (default: min(200, steps/10))")
+    t.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
+    t.add_argument("--warmup", type=positive_int, default=None, help="warm-up steps (default: min(200, steps/10))")
     t.add_argument("--init-from", default=None, help="continue from this tiny checkpoint (fresh optimizer)")
     t.add_argument("--prefix-frac", type=float, default=0.0,
                    help="share of rows with a visible answer prefix (semi-AR masking; default: 0)")
@@ -147,12 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--task", default=None,
                    help="tiny task for held-out problems; must be the checkpoint's own (default: the checkpoint's)")
     e.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} (for HF models)')
-    e.add_argument("-n", "--n", type=_pos_int, default=1000, help="test problems (default: 1000)")
+    e.add_argument("-n", "--n", type=positive_int, default=1000, help="test problems (default: 1000)")
     e.add_argument("--dev", type=int, default=0,
                    help="problems of a separate dev split (drawn before the -n test problems, disjoint from "
                         "them) on which the best single schedule is chosen; 0 picks it in hindsight on the "
                         "test problems (default: 0)")
-    e.add_argument("--seeds-per-block", type=_pos_int, default=6,
+    e.add_argument("--seeds-per-block", type=positive_int, default=6,
                    help="sampled paths decoded per schedule; must be >= k*s (default: 6)")
     e.add_argument("--ks", type=_ints, default=None,
                    help="HEX ensemble sizes k, each <= the number of schedules "
@@ -166,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = sub.add_parser("generate", help="decode prompts with HEX (or one schedule) and show every path")
     _model_args(g)
     g.add_argument("--prompt", action="append", required=True, help=_prompt_help())
-    g.add_argument("--seeds-per-block", type=_pos_int, default=1, help="paths per schedule (default: 1)")
+    g.add_argument("--seeds-per-block", type=positive_int, default=1, help="paths per schedule (default: 1)")
     g.add_argument("--out", default=None, help="optional report directory")
     g.add_argument("--force", action="store_true", help="replace an existing --out")
 
