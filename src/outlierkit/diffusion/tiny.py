@@ -243,18 +243,8 @@ class PointerChase(Task):
             prompts[:, 15] = _INDEX["="]
         else:
             prompts[:, 13] = _INDEX["="]
-        nodes = torch.empty(m, self.max_hops, dtype=torch.long)
-        cur = start
-        for j in range(self.max_hops):
-            cur = f.gather(1, cur[:, None]).squeeze(1)
-            nodes[:, j] = cur
-        rows = torch.arange(m)
-        live = torch.arange(self.max_hops)[None, :] < k[:, None]
-        resps = torch.full((m, self.gen_length), EOS)
-        resps[:, :self.max_hops] = torch.where(live, nodes + d0, EOS)
-        for j in range(4):
-            resps[rows, k + j] = _INDEX["#"]
-        resps[rows, k + 4] = nodes[rows, k - 1] + d0
+        nodes, resps = _walk_answers(f, start, k, self.max_hops, self.gen_length)
+        resps[torch.arange(m), k + 4] = nodes[torch.arange(m), k - 1] + d0
         return prompts, resps
 
     def _held(self, prompts: torch.Tensor) -> torch.Tensor:
@@ -367,19 +357,28 @@ class ExitWalk(PointerChase):
         prompts[:, 11] = _INDEX[";"]
         prompts[:, 12] = start + d0
         prompts[:, 13] = _INDEX["="]
-        nodes = torch.empty(m, self.max_hops, dtype=torch.long)
-        cur = start
-        for j in range(self.max_hops):
-            cur = f.gather(1, cur[:, None]).squeeze(1)
-            nodes[:, j] = cur
-        rows = torch.arange(m)
-        live = torch.arange(self.max_hops)[None, :] < k[:, None]
-        resps = torch.full((m, self.gen_length), EOS)
-        resps[:, :self.max_hops] = torch.where(live, nodes + d0, EOS)
-        for j in range(4):
-            resps[rows, k + j] = _INDEX["#"]
-        resps[rows, k + 4] = k + d0  # the hop count
+        _, resps = _walk_answers(f, start, k, self.max_hops, self.gen_length)
+        resps[torch.arange(m), k + 4] = k + d0  # the hop count
         return prompts, resps
+
+
+def _walk_answers(f: torch.Tensor, start: torch.Tensor, k: torch.Tensor, max_hops: int,
+                  gen_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The walk ``start -> f(start) -> ...`` (m, max_hops) and the answer canvas both walk tasks share: the first
+    ``k`` nodes as digits, EOS after them, ``####`` at positions k..k+3; position k+4 is the task's to fill."""
+    m, d0 = f.shape[0], _INDEX["0"]
+    nodes = torch.empty(m, max_hops, dtype=torch.long)
+    cur = start
+    for j in range(max_hops):
+        cur = f.gather(1, cur[:, None]).squeeze(1)
+        nodes[:, j] = cur
+    rows = torch.arange(m)
+    live = torch.arange(max_hops)[None, :] < k[:, None]
+    resps = torch.full((m, gen_length), EOS)
+    resps[:, :max_hops] = torch.where(live, nodes + d0, EOS)
+    for j in range(4):
+        resps[rows, k + j] = _INDEX["#"]
+    return nodes, resps
 
 
 def _holdout_hash(k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
