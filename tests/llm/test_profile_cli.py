@@ -153,6 +153,7 @@ def test_short_data_is_said_on_the_console(tiny_llama_dir, tmp_path, capsys, tok
                  "--level", "basic", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "only 2 of the 8 requested samples" in err and "the INT8 check needs at least 3 samples" in err
+    assert err.count("the INT8 check needs at least 3 samples") == 1, err  # shown once, not echoed twice
     # regression: --seq-len below the 8-token minimum failed with "no document has at least 8 tokens"
     corpus = build_corpus(tok, load_documents([data]), samples=2, seq_len=4)
     assert len(corpus) == 2 and all(len(s) == 4 for s in corpus.samples)

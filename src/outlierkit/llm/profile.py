@@ -686,10 +686,11 @@ def checkpoint_path(checkpoint: Path, shard: tuple[int, int]) -> Path:
 
 
 def _warn(message: str) -> None:
-    """A warning the user must see: on the console (stderr) now, and through ``warnings`` for callers."""
-    from outlierkit._utils.log import get_console
+    """A warning the user must see: on the console (stderr) now, once per message (the shared mechanism, so
+    the CLI's echo of the Python warning below does not print it twice), and through ``warnings`` for callers."""
+    from outlierkit._utils.log import warning
 
-    get_console().print(f"[yellow]outlierkit: warning:[/yellow] {message}")
+    warning(message)
     warnings.warn(message, stacklevel=4)  # the caller of profile_model (past torch.no_grad's wrapper)
 
 
@@ -726,8 +727,9 @@ def profile_model(
     notes: list[str] = []
     n_cal = int(len(corpus) * opt.calib_fraction) if opt.calib_fraction > 0 else 0
     if opt.calib_fraction > 0 and (n_cal < 1 or n_cal >= len(corpus)):
-        notes.append(f"{name}: INT8 check skipped: it calibrates on {opt.calib_fraction:.0%} of the samples and "
-                     f"evaluates on the rest, and {len(corpus)} sample(s) is too few (use --samples 3 or more)")
+        need = next(n for n in range(2, 1 << 20) if 1 <= int(n * opt.calib_fraction) < n)
+        notes.append(f"{name}: INT8 check skipped: the INT8 check needs at least {need} samples (it calibrates on "
+                     f"{opt.calib_fraction:.0%} of them and evaluates on the rest) and the data gave {len(corpus)}")
         _warn(notes[-1])
         n_cal = 0
     splits = [("calib", corpus.subset(range(n_cal)), 0), ("eval", corpus.subset(range(n_cal, len(corpus))), n_cal)]

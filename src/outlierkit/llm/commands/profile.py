@@ -218,7 +218,6 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     ``stage``) holds the checkpoints, one set per rank under ``torchrun``, and the finished profiles that
     ``--resume`` skips.
     """
-    import dataclasses
     import gc
     import warnings
 
@@ -254,17 +253,12 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
         else:
             corpus = build_corpus(loaded.tokenizer, docs, samples=args.samples, seq_len=args.seq_len,
                                   seed=args.seed, max_length=loaded.max_length, vocab_size=loaded.vocab_rows)
-            model_opts = opts
-            if opts.calib_fraction > 0 and len(corpus) < MIN_INT8_SAMPLES:  # the data had fewer than --samples
-                warning(f"{name}: the INT8 check needs at least {MIN_INT8_SAMPLES} samples and the data gave "
-                        f"{len(corpus)}; it is skipped")
-                model_opts = dataclasses.replace(opts, calib_fraction=0.0)
             log(f"{name}: {len(corpus)} samples, {corpus.n_tokens} tokens, level {opts.level}, "
                 f"{loaded.map.spec.name} table entry")
             # profile_model names one checkpoint per rank (checkpoint_path); no dots: with_suffix adds .json
             world = shard[1]
             ckpt = None if work is None else work / f"checkpoint-{k}"
-            prof = profile_model(loaded.model, loaded.map, corpus, model_opts, name=name, checkpoint=ckpt,
+            prof = profile_model(loaded.model, loaded.map, corpus, opts, name=name, checkpoint=ckpt,
                                  resume=args.resume, shard=shard)
             prof = merge_distributed(prof)
             if done is not None and stage is not None:  # rank 0: every rank holds the merged profile
