@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(rows: list[dict[str, object]]) -> None:
     """One row per recipe; a metric with a 95% interval prints as ``value [lo, hi]``."""
-    from rich.console import Console
     from rich.table import Table
 
+    from outlierkit._utils.log import stdout_console
     from outlierkit.report import _fmt
 
     table = Table(title="recipes on the same held-out data (95% intervals in brackets)")
@@ -84,4 +84,4 @@ def print_table(rows: list[dict[str, object]]) -> None:
                 text += f" [{_fmt(r[f'{c}_lo'])}, {_fmt(r[f'{c}_hi'])}]"
             cells.append(text)
         table.add_row(*cells)
-    Console().print(table)
+    stdout_console().print(table)

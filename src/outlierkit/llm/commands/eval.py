@@ -131,9 +131,9 @@ def _check_same_model(model: str, quantized: str) -> None:
 
 
 def _print(rows: list[dict[str, Any]], metrics: Mapping[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from outlierkit._utils.log import stdout_console
     from outlierkit.report import _fmt
 
     cols = [k for k in rows[-1] if k != "eval_tokens"]
@@ -142,7 +142,7 @@ def _print(rows: list[dict[str, Any]], metrics: Mapping[str, Any]) -> None:
         table.add_column(c)
     for r in rows:
         table.add_row(*[_fmt(r.get(c, "")) for c in cols])
-    console = Console()
+    console = stdout_console()
     console.print(table)
     if "layer_sqnr_db_min" in metrics:
         console.print(f"per-layer SQNR: min {_fmt(metrics['layer_sqnr_db_min'])} dB, "

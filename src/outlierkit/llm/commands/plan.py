@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(plan: object, target: object, out: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from outlierkit._utils.log import stdout_console
     from outlierkit.llm.plan import Plan, PlanTarget
     from outlierkit.report import _fmt
 
@@ -123,7 +123,7 @@ def _print(plan: object, target: object, out: str) -> None:
                       str(r["meets"]))
     table.add_row(f"planned: {plan.transform} + per-layer", str(len(plan.kept)), _fmt(plan.loss),
                   _fmt(plan.metrics["avg_weight_bits"]), str(plan.meets_target))
-    console = Console()
+    console = stdout_console()
     console.print(table)
     for r in plan.layers:
         if r["method"] == "keep":
