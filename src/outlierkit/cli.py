@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("outlierkit.llm.commands.compare", "evaluate several recipes on the same data in one table"),
     "plan": ("outlierkit.llm.commands.plan", "choose per-layer method and precision for a target, verified"),
     "transforms": ("outlierkit.llm.commands.transforms", "max|x|, kurtosis, INT8/INT4 SQNR before/after transforms"),
+    "train-lm": ("outlierkit.llm.commands.train_lm", "train a small LLaMA causal LM on offline text"),
     "graph": ("outlierkit.graph.cli", "graph-level anomaly detection with RQGNN (fit, score, bench)"),
     "hex": ("outlierkit.diffusion.cli", "masked-diffusion sampling and HEX test-time scaling"),
     "report": ("outlierkit.commands_report", "show a report.json or compare the metrics of two reports"),

@@ -266,3 +266,22 @@ def test_rotate_then_gptq_saves_and_reloads_identically(batches, tok, tmp_path):
     save_quantized(model, tok, tmp_path / "q")
     again = model_outputs(load_quantized(tmp_path / "q").model, batches[:1])
     assert torch.equal(again[0], ref[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gpt2", "opt", "gemma2"])
+def test_cached_layer_inputs_equal_replaying_the_model(family, batches):
+    """GPTQ on cached per-layer inputs (2 layer forwards per layer) gives the weights of the reference's
+    replay (a full forward up to each layer); gemma2 alternates attention masks, so it replays, with a note."""
+    from outlierkit.llm.fixtures import tiny_model
+    from outlierkit.llm.recipe import quantize_
+
+    out = {}
+    for cache in (True, False):
+        model = tiny_model(family, num_hidden_layers=3) if family not in ("gpt2", "opt") else tiny_model(family)
+        rep = quantize_(model, {"weight": "int4-channel", "act": None, "steps": [{"gptq": {"cache_inputs": cache}}]},
+                        batches, baseline=False)
+        out[cache] = ({n: p.detach().clone() for n, p in model.named_parameters()}, rep.warnings)
+    for name, p in out[False][0].items():
+        torch.testing.assert_close(out[True][0][name], p, rtol=0, atol=1e-6, msg=name)
+    replayed = any("replays the earlier layers" in w for w in out[True][1])
+    assert replayed == (family == "gemma2")

@@ -77,3 +77,23 @@ def test_sequential_runs_only_the_layers_it_needs_one_at_a_time(batches):
     order.clear()
     collect_input_stats(model, ["model.layers.1.self_attn.q_proj"], batches, sequential=True)
     assert order == ["layer0"] * len(batches) + ["layer1"] * len(batches)
+
+
+def test_quantize_cli_sequential_writes_the_same_model(tiny_llama_dir, tmp_path):
+    """`quantize --sequential` (layers calibrated one at a time, SmoothQuant then GPTQ) saves the weights the
+    all-at-once run saves."""
+    from safetensors.torch import load_file
+
+    from outlierkit.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("weight: int4-channel\nact: int8-token\nsteps:\n  - smoothquant: {}\n  - gptq: {}\n")
+    small = ["--calib-samples", "12", "--seq-len", "32", "--batch-size", "4", "--device", "cpu"]
+    outs = []
+    for flag in ([], ["--sequential"]):
+        out = tmp_path / f"q{len(flag)}"
+        assert main(["quantize", str(tiny_llama_dir), "--recipe", str(recipe), "--out", str(out), *small, *flag]) == 0
+        outs.append(load_file(str(out / "model.safetensors")))
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -43,11 +43,17 @@ class Document:
 
 
 def _paragraphs(text: str, min_chars: int = 400) -> list[str]:
-    """Split on blank lines and merge consecutive paragraphs until each chunk has ``min_chars``."""
+    """Split on blank lines and merge consecutive paragraphs until each chunk has ``min_chars``.
+
+    Text with no blank line at all but several lines (one paragraph per line, as in many plain-text corpora)
+    is split on line breaks instead, so that it is not one giant document.
+    """
     out: list[str] = []
     buf: list[str] = []
     size = 0
-    for para in text.replace("\r\n", "\n").split("\n\n"):
+    text = text.replace("\r\n", "\n")
+    sep = "\n\n" if "\n\n" in text.strip() or text.strip().count("\n") == 0 else "\n"
+    for para in text.split(sep):
         para = para.strip()
         if not para:
             continue

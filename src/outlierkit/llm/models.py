@@ -428,10 +428,19 @@ def minilm_path() -> Path:
     return Path(pkg.__file__).parent / "model"
 
 
+#: The small LLaMA causal LM trained by ``outlierkit train-lm`` that ships inside outlierkit (see its
+#: ``outlierkit_train.json`` for the command and the data).
+TINYLM = Path(__file__).parent / "checkpoints" / "tinylm"
+
+
 def resolve_source(source: str, *, cache_dir: str | None = None) -> Path:
-    """A local directory, the word ``minilm``, or a hub name already in the HF cache (offline)."""
+    """A local directory, ``minilm`` / ``tinylm`` (bundled), or a hub name already in the HF cache (offline)."""
     if source in ("minilm", "bundled:minilm"):
         return minilm_path()
+    if source in ("tinylm", "bundled:tinylm") and not Path(source).exists():
+        if not (TINYLM / "config.json").is_file():
+            raise ModelLoadError(f"the bundled tinylm is missing from {TINYLM}; reinstall outlierkit")
+        return TINYLM
     p = Path(source).expanduser()
     if p.exists():
         if not p.is_dir():

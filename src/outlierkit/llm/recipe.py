@@ -385,14 +385,17 @@ def for_target(recipe: Recipe, target: str) -> Recipe:
 
 def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: CalibData, *,
               eval_batches: list[Batch] | None = None, baseline: bool = True, tokenizer: Any = None,
-              sequential: bool = False, target: str | None = None) -> Report:
+              sequential: bool = False, device: str | None = None, target: str | None = None) -> Report:
     """Apply ``recipe`` to ``model`` in place (transforms, then fake-quantized wrappers); return a Report.
 
     Args:
         calib: text (a string, a list of strings, a ``datasets.Dataset``), a TokenCorpus or prepared
             batches (see :func:`calib_batches`).
         tokenizer: tokenizes text calibration data (default: the one saved next to the model).
-        sequential: calibrate the transforms one decoder layer at a time (``outlierkit.llm.sequential``).
+        sequential: calibrate the transforms and GPTQ one decoder layer at a time
+            (``outlierkit.llm.sequential``): the model may stay on the CPU while each layer and its activations
+            move to ``device`` in turn (models larger than the device).
+        device: where sequential calibration computes (default: the model's device).
         eval_batches: batches for the SQNR measurements (default: the calibration batches).
         baseline: also measure plain RTN with the same formats before the transforms ("before").
         target: ``transformers``, ``vllm`` or ``outlierkit``: put the formats on that target's grid
@@ -407,7 +410,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: Ca
     batches = calib_batches(calib, recipe, tokenizer=tokenizer, model=model)
     ev = eval_batches or batches
     ctx = QuantContext(batches, recipe.weight, recipe.act, recipe.qkv_out, list(recipe.overrides),
-                       sequential=sequential)
+                       sequential=sequential, device=device)
     ctx.model_map(model)
     report = Report(kind="llm.quantize", config={"recipe": recipe.to_dict()})
     float_out = model_outputs(model, ev)

@@ -55,64 +55,96 @@ def check_sequential(model: nn.Module, mm: ModelMap) -> None:
                           "with different attention masks; calibrate all at once (sequential: false)")
 
 
+class LayerwiseRunner:
+    """The decoder layers' inputs for a list of batches, advanced one layer at a time.
+
+    On construction everything outside the decoder layers goes to ``device`` and each batch runs until
+    layer 0, whose inputs (hidden states + keyword arguments: mask, position embeddings) are cached on
+    ``cache_device`` (default: the CPU, so that only one layer's activations are on ``device``). Then
+    :meth:`run` ``(i)`` puts layer ``i`` on ``device``, runs every cached input through it and, with
+    ``advance=True``, replaces the cache by its outputs (the inputs of layer ``i + 1``). Running a layer
+    twice (once to calibrate, once after changing its weights, to advance) is how GPTQ quantizes a model in
+    2 x L layer forwards instead of replaying the earlier layers for every layer (L^2 / 2).
+    """
+
+    def __init__(self, model: nn.Module, batches: list[Batch], *, device: torch.device | str | None = None,
+                 cache_device: torch.device | str = "cpu", mm: ModelMap | None = None) -> None:
+        self.model, self.batches = model, batches
+        self.mm = mm or resolve(model, warn=False)
+        check_sequential(model, self.mm)
+        self.layers = [get_attr(model, n) for n in self.mm.layers]
+        self.home = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else self.home
+        self.cache_device = torch.device(cache_device)
+        self.next_layer = 0
+        self._skip = {id(m) for m in self.layers}
+        self.cached: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        _move_(model, self.device, self._skip)
+        try:
+            self._capture()
+        finally:
+            _move_(model, self.home, self._skip)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.cached.append((_to(args, self.cache_device), _to(kwargs, self.cache_device)))
+            raise _Captured
+
+        handle = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            for b in self.batches:
+                try:
+                    self.model(input_ids=b.input_ids.to(self.device), attention_mask=b.attention_mask.to(self.device),
+                               use_cache=False)
+                except _Captured:
+                    pass
+        finally:
+            handle.remove()
+        if len(self.cached) != len(self.batches):
+            raise ConfigError("sequential calibration could not capture the inputs of the first decoder layer")
+
+    @torch.no_grad()
+    def run(self, i: int, *, advance: bool = True,
+            before_batch: Callable[[int, Batch], None] | None = None) -> None:
+        """Run layer ``i`` (which must be the next one) on every cached input; ``advance``: keep its outputs."""
+        if i != self.next_layer:
+            raise ValueError(f"layer {i} run out of order: the cached inputs are those of layer {self.next_layer}")
+        layer = self.layers[i]
+        layer_home = next(layer.parameters()).device
+        _move_(layer, self.device)
+        try:
+            for j, (b, (args, kwargs)) in enumerate(zip(self.batches, self.cached, strict=True)):
+                if before_batch is not None:
+                    before_batch(j, b)
+                out = layer(*_to(args, self.device), **_to(kwargs, self.device))
+                h = first_tensor(out)
+                assert h is not None
+                if advance:
+                    if args:
+                        self.cached[j] = ((h.to(self.cache_device), *args[1:]), kwargs)
+                    else:  # hidden states passed by keyword
+                        self.cached[j] = (args, {**kwargs, "hidden_states": h.to(self.cache_device)})
+        finally:
+            _move_(layer, layer_home)
+        if advance:
+            self.next_layer += 1
+
+
 @torch.no_grad()
 def forward_layer_by_layer(model: nn.Module, batches: list[Batch], *, device: torch.device | str | None = None,
                            before_batch: Callable[[int, Batch], None] | None = None,
                            last_layer: int | None = None, mm: ModelMap | None = None) -> None:
     """Run ``batches`` through the model one decoder layer at a time (hooks on the layers fire as usual).
 
-    1. Everything outside the decoder layers goes to ``device``; each batch runs until layer 0, whose
-       inputs (hidden states + keyword arguments: mask, position embeddings) are kept on the CPU.
-    2. For each layer up to ``last_layer``: the layer goes to ``device``, every batch's cached input runs
-       through it (``before_batch(i, batch)`` first, so hooks know the batch), the outputs replace the
-       cached inputs on the CPU, and the layer goes back to where it was.
-
-    Only one layer's weights and one batch's activations are on ``device`` at any time. The results are
-    those of the full forward: each layer sees exactly the inputs it would see there.
+    Only one layer's weights and one batch's activations are on ``device`` at any time (the cached layer
+    inputs wait on the CPU; see :class:`LayerwiseRunner`). The results are those of the full forward: each
+    layer sees exactly the inputs it would see there.
     """
-    mm = mm or resolve(model, warn=False)
-    check_sequential(model, mm)
-    layers = [get_attr(model, n) for n in mm.layers]
-    home = next(model.parameters()).device
-    dev = torch.device(device) if device is not None else home
-    last = len(layers) - 1 if last_layer is None else last_layer
-    skip = {id(m) for m in layers}
-    _move_(model, dev, skip)
-    cached: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cached.append((_to(args, "cpu"), _to(kwargs, "cpu")))
-        raise _Captured
-
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for b in batches:
-            try:
-                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    if len(cached) != len(batches):
-        raise ConfigError("sequential calibration could not capture the inputs of the first decoder layer")
-    for i, layer in enumerate(layers[: last + 1]):
-        layer_home = next(layer.parameters()).device
-        _move_(layer, dev)
-        try:
-            for j, (b, (args, kwargs)) in enumerate(zip(batches, cached, strict=True)):
-                if before_batch is not None:
-                    before_batch(j, b)
-                out = layer(*_to(args, dev), **_to(kwargs, dev))
-                h = first_tensor(out)
-                assert h is not None
-                if i < last:
-                    if args:
-                        cached[j] = ((h.to("cpu"), *args[1:]), kwargs)
-                    else:  # hidden states passed by keyword
-                        cached[j] = (args, {**kwargs, "hidden_states": h.to("cpu")})
-        finally:
-            _move_(layer, layer_home)
-    _move_(model, home, skip)
+    runner = LayerwiseRunner(model, batches, device=device, mm=mm)
+    last = len(runner.layers) - 1 if last_layer is None else last_layer
+    for i in range(last + 1):
+        runner.run(i, advance=i < last, before_batch=before_batch)
 
 
 def layer_of(mm: ModelMap, fqn: str) -> int:

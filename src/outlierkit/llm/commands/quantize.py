@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(compressed-tensors, simulated on its "
                              "grid; outlierkit's format for what it cannot express), vllm (compressed-tensors that "
                              "vLLM serves, refused otherwise) or outlierkit (its own format)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="models larger than the device: keep the model in CPU memory and calibrate one decoder "
+                             "layer at a time on --device (transforms, GPTQ); the report's SQNR passes still run "
+                             "the whole model on the CPU")
     add_calib_arguments(parser)
 
 
@@ -70,13 +74,20 @@ def run(args: argparse.Namespace) -> int:
     from outlierkit.llm.evaluate import calibration_half
 
     docs = calibration_half(load_documents(args.data))  # `eval` / `compare` evaluate on the other half
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    # --sequential: the weights stay in CPU memory; each layer visits --device only while it is calibrated
+    lm = load_model(args.model, dtype=args.dtype, device="cpu" if args.sequential else args.device)
     corpus = build_corpus(lm.tokenizer, docs, samples=recipe.calib.samples, seq_len=recipe.calib.seq_len,
                           seed=recipe.calib.seed, max_length=lm.max_length)
     log(f"{lm.name}: recipe {recipe.name} ({' -> '.join(s.method for s in recipe.steps)}), "
         f"{len(corpus)} calibration samples, {corpus.n_tokens} tokens")
-    report = quantize_(lm.model, recipe, corpus)
-    report.config.update({"model": args.model, "data": args.data, "dtype": args.dtype})
+    compute = None
+    if args.sequential:
+        from outlierkit._utils.device import resolve_device
+
+        compute = str(resolve_device(args.device))
+    report = quantize_(lm.model, recipe, corpus, sequential=args.sequential, device=compute)
+    report.config.update({"model": args.model, "data": args.data, "dtype": args.dtype,
+                          "sequential": args.sequential})
     report.config["target"] = args.target
     with staged_output(args.out, force=args.force) as stage:
         fmt = save_quantized(lm.model, lm.tokenizer, stage, recipe_yaml=recipe.to_yaml(), target=args.target)

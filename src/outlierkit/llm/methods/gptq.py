@@ -189,51 +189,85 @@ def proxy_sqnr_db(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ the method
 
-@torch.no_grad()
-def block_hessians(model: nn.Module, block: str | None, sites: list[str],
-                   batches: list[Batch]) -> dict[str, tuple[torch.Tensor, int]]:
+class HessianAccumulator:
     """Streaming Hessians H = 2/N sum x x^T of the inputs of ``sites`` (per-batch products in float32,
-    accumulated in float64); the forward stops after ``block``.
-
-    The inputs are the ones the layer's weight sees (after an :class:`OnlineQuantLinear` rotation).
+    accumulated in float64), from forward-pre hooks. Call :meth:`set_batch` before each batch (pads are
+    masked out); the inputs are the ones the layer's weight sees (after an :class:`OnlineQuantLinear` rotation).
     """
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(sites, 0)
-    current: dict[str, Any] = {"mask": None}
 
-    def grab(name: str) -> Any:
+    def __init__(self, model: nn.Module, sites: list[str]) -> None:
+        self.model, self.sites = model, sites
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(sites, 0)
+        self.mask: torch.Tensor | None = None
+
+    def set_batch(self, index: int, batch: Batch) -> None:
+        self.mask = batch.attention_mask
+
+    def attach(self, hooks: HookSet) -> None:
+        for s in self.sites:
+            hooks.forward_pre(get_attr(self.model, s), self._grab(s))
+
+    def _grab(self, name: str) -> Any:
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             if isinstance(module, OnlineQuantLinear):
                 x = module.transform_input(x)
-            rows = token_rows(x, current["mask"])  # (N, C) on the layer's device
-            if name not in sums:
-                sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+            rows = token_rows(x, self.mask)  # (N, C) on the layer's device
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
             # one batch's X^T X in float32 (as the reference; float64 matmuls are several times slower),
             # summed over batches in float64
-            sums[name] += (rows.t() @ rows).double()
-            counts[name] += rows.shape[0]
+            self.sums[name] += (rows.t() @ rows).double()
+            self.counts[name] += rows.shape[0]
         return fn
+
+    def result(self) -> dict[str, tuple[torch.Tensor, int]]:
+        missing = [s for s in self.sites if self.counts[s] == 0]
+        if missing:
+            raise DataError(f"gptq: calibration never reached {missing[:3]}; pass more calibration text")
+        return {s: (self.sums[s] * (2.0 / self.counts[s]), self.counts[s]) for s in self.sites}
+
+
+@torch.no_grad()
+def block_hessians(model: nn.Module, block: str | None, sites: list[str],
+                   batches: list[Batch]) -> dict[str, tuple[torch.Tensor, int]]:
+    """Hessians of ``sites`` from full forwards of ``batches`` that stop after ``block`` (the replay path, for
+    models whose decoder layers cannot be run one at a time; see :class:`HessianAccumulator`)."""
 
     def stop(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         raise _StopForward
 
+    acc = HessianAccumulator(model, sites)
     device = next(model.parameters()).device
     with HookSet() as hooks:
-        for s in sites:
-            hooks.forward_pre(get_attr(model, s), grab(s))
+        acc.attach(hooks)
         if block is not None:
             hooks.forward(get_attr(model, block), stop)
-        for b in batches:
-            current["mask"] = b.attention_mask
+        for i, b in enumerate(batches):
+            acc.set_batch(i, b)
             try:
                 model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
             except _StopForward:
                 pass
-    missing = [s for s in sites if counts[s] == 0]
-    if missing:
-        raise DataError(f"gptq: calibration never reached {missing[:3]}; pass more calibration text")
-    return {s: (sums[s] * (2.0 / counts[s]), counts[s]) for s in sites}
+    return acc.result()
+
+
+def _layerwise_runner(model: nn.Module, ctx: QuantContext) -> Any:
+    """A :class:`~outlierkit.llm.sequential.LayerwiseRunner` over the calibration batches, or None (with a
+    note) for models whose layers cannot run one at a time (different masks per layer)."""
+    from outlierkit.llm.sequential import LayerwiseRunner
+
+    home = next(model.parameters()).device
+    try:
+        # all at once: the cached layer inputs stay on the model's device; sequential: on the CPU
+        return LayerwiseRunner(model, ctx.batches, device=ctx.device if ctx.sequential else None,
+                               cache_device="cpu" if ctx.sequential else home, mm=ctx.model_map(model))
+    except ConfigError as e:
+        if ctx.sequential:
+            raise
+        ctx.notes.append(f"gptq: replays the earlier layers for each layer ({e})")
+        return None
 
 
 @METHODS.register("gptq")
@@ -249,8 +283,9 @@ class GPTQ(QuantMethod):
 
     minimizing ||X W^T - X Q^T||^2 column by column with the error pushed into the columns not yet
     quantized. Blocks are processed in order: layer i's Hessians come from a forward pass in which
-    blocks 0..i-1 already hold their GPTQ weights (the reference's sequential mode; all linears of one
-    block share that pass, as in llm-compressor's default, not "true sequential" within the block).
+    blocks 0..i-1 already hold their GPTQ weights (the reference's sequential mode, computed from each
+    layer's cached inputs rather than by replaying the model; all linears of one block share that pass, as
+    in llm-compressor's default, not "true sequential" within the block).
     Weights only: activation formats (and static ranges, q/k/v output formats) are then set by the
     ``rtn`` pass that runs at the end of this step, on the GPTQ weights, so a recipe needs no separate
     ``rtn`` step. Equivalence transforms (smoothquant, os_plus, rotate) go before ``gptq``; ``spike_mp``
@@ -272,6 +307,10 @@ class GPTQ(QuantMethod):
         dtype: working precision of the column loop, ``float32`` (default) or ``float64``.
         rtn_layers: FQNs left to the final ``rtn`` pass (rounded to nearest, not GPTQ; the planner's
             per-layer choice where GPTQ was measured not to help).
+        cache_inputs: run the decoder layers one at a time on cached inputs (default True: 2 layer forwards
+            per layer; with the recipe's ``sequential`` mode only one layer is on the device). False replays
+            the model from the embeddings for every layer (L^2/2 layer forwards), as the reference does;
+            models whose layers need different masks fall back to it with a note.
     """
 
     block_size: int = 128
@@ -281,6 +320,7 @@ class GPTQ(QuantMethod):
     experts: Literal["error", "rtn"] = "error"
     dtype: Literal["float32", "float64"] = "float32"
     rtn_layers: list[str] = field(default_factory=list)
+    cache_inputs: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -336,13 +376,24 @@ class GPTQ(QuantMethod):
                             "calibration text")
         dt = torch.float64 if self.dtype == "float64" else torch.float32
         last = max(targets, default=-1)
-        for layer in sorted(targets):
-            sites = [f for f, _ in targets[layer]]
-            hess = block_hessians(model, mm.layers[layer] if layer < last else None, sites, ctx.batches)
-            for fqn, fmt in targets[layer]:
-                t0 = time.perf_counter()
-                h, n = hess[fqn]
-                records.append(self._quantize_layer(model, fqn, fmt, h, n, dt, t0))
+        runner = _layerwise_runner(model, ctx) if targets and self.cache_inputs else None
+        for layer in range(last + 1) if runner is not None else sorted(targets):
+            if layer in targets:
+                sites = [f for f, _ in targets[layer]]
+                if runner is not None:  # this layer's cached inputs: one layer forward
+                    acc = HessianAccumulator(model, sites)
+                    with HookSet() as hooks:
+                        acc.attach(hooks)
+                        runner.run(layer, advance=False, before_batch=acc.set_batch)
+                    hess = acc.result()
+                else:  # a full forward that stops after this layer
+                    hess = block_hessians(model, mm.layers[layer] if layer < last else None, sites, ctx.batches)
+                for fqn, fmt in targets[layer]:
+                    t0 = time.perf_counter()
+                    h, n = hess[fqn]
+                    records.append(self._quantize_layer(model, fqn, fmt, h, n, dt, t0))
+            if runner is not None and layer < last:
+                runner.run(layer, advance=True)  # the next layer's inputs, through the GPTQ weights
         if experts_rtn:
             ctx.notes.append(f"gptq: fused MoE experts {experts_rtn} were rounded to nearest (experts: rtn), "
                              "not GPTQ-quantized")
