@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from outlierkit.errors import ConfigError
 from outlierkit.llm.evaluate import EvalData, split_documents
@@ -172,3 +173,59 @@ def test_plan_cli_with_rotate_and_gptq_exports(tiny_llama_dir, tmp_path):
     assert recipe.steps[-1].method in ("rtn", "gptq")
     assert all(s.params.get("online_down") is False for s in recipe.steps if s.method == "rotate")
     assert (out / "model" / "config.json").exists()
+
+
+def test_per_group_picks_the_best_measured_transform_per_fold_group(tok, data):
+    """per_group: each fold group gets the transform under which its consumers measured the best worst-layer
+    SQNR; the written recipe restricts smoothquant / os_plus to those groups and reproduces the probe."""
+    import yaml
+
+    model = tiny_model("llama")
+    w8, a8 = parse_format("int8-channel"), parse_format("int8-tensor")
+    planner = Planner(model, tok, data[0], _ev(data), weight=w8, act=a8, target=PlanTarget(bits=8.0),
+                      transforms=("rtn", "smoothquant", "per_group"), metric="top1")
+    assert planner.transforms == ["rtn", "smoothquant", "per_group"]
+    plan = planner.run()
+    assert len(plan.groups) == 2 * 4  # 2 layers x (norm -> qkv, norm -> gate/up, v -> o, up -> down)
+    for row in plan.groups:
+        scores = {t: row[f"min_sqnr_db_{t}"] for t in ("rtn", "smoothquant", "os_plus") if f"min_sqnr_db_{t}" in row}
+        assert scores[row["chosen"]] == max(scores.values())
+        if row["kind"] == "linear":  # smoothquant is planned on norm and v -> o folds only
+            assert "min_sqnr_db_smoothquant" not in scores
+    assert len({r["chosen"] for r in plan.groups}) == 2  # a real mix (up -> down has only rtn)
+    recipe = Recipe.from_dict(yaml.safe_load(planner.recipe("per_group", []).to_yaml()))
+    chosen = {t: sorted(r["group"] for r in plan.groups if r["chosen"] == t) for t in ("smoothquant",)}
+    assert {s.method: sorted(s.params.get("groups", [])) for s in recipe.steps[:-1]} == \
+        {t: g for t, g in chosen.items() if g}
+    probe = next(p for p in plan.probes if p.transform == "per_group" and not p.kept)
+    recipe.calib = CalibConfig(min_tokens=1)
+    m = copy.deepcopy(model)
+    quantize_(m, recipe, data[0], baseline=False)
+    ev = _ev(data)
+    ref = measure(model, tok, ev, "top1")
+    assert quality_loss(measure(m, tok, ev, "top1"), ref, "top1") == pytest.approx(probe.loss)
+    assert "fold_groups" in plan_report(plan, PlanTarget(bits=8.0), {}).tables
+    with pytest.raises(ConfigError, match="at least two"):
+        Planner(model, tok, data[0], _ev(data), weight=w8, act=a8, target=PlanTarget(bits=8.0),
+                transforms=("rtn", "per_group"), metric="top1")
+
+
+def test_transform_groups_restrict_the_fold(tok, data):
+    """smoothquant/os_plus `groups` transform only the named fold groups; a name matching none is an error."""
+    from outlierkit.llm.recipe import model_outputs
+
+    model = tiny_model("llama")
+    ref = model_outputs(model, data[0])
+    m = copy.deepcopy(model)
+    only = "model.layers.1.self_attn.q_proj"
+    quantize_(m, {"weight": None, "act": None, "steps": [{"smoothquant": {"groups": [only]}}]}, data[0],
+              baseline=False)
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, dict(model.named_parameters())[n])}
+    assert changed == {"model.layers.1.input_layernorm.weight", "model.layers.1.self_attn.q_proj.weight",
+                       "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
+    for a, b in zip(ref, model_outputs(m, data[0]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # still the float model
+    with pytest.raises(ConfigError, match="match no fold group"):
+        quantize_(copy.deepcopy(model), {"weight": None, "act": None,
+                                         "steps": [{"os_plus": {"groups": ["model.layers.9.mlp.up_proj"]}}]},
+                  data[0], baseline=False)

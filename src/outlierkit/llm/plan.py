@@ -13,8 +13,13 @@ quality, or an average weight-bit budget), the planner
 3. finds, per transform, the fewest top-ranked layers to keep in float that meet the loss target
    (binary search on the ranked prefix, every probe evaluated on held-out data), or the lowest loss
    within the bit budget,
-4. picks the transform that needs the fewest high-precision layers (then the lower loss), and
-5. verifies the written recipe end to end with ``quantize_`` on a fresh copy and evaluates it.
+4. with ``per_group`` among the candidates, also builds a mixed candidate: for every fold group (norm -> q/k/v,
+   norm -> gate/up, v -> o, up -> down) the transform among ``rtn`` / ``smoothquant`` / ``os_plus`` under which
+   the group's consumer linears measured the best worst-layer SQNR in step 2 (groups are independent: each
+   fold leaves the float model unchanged and touches only its own consumers' inputs), written as
+   ``smoothquant`` / ``os_plus`` steps restricted to their ``groups``; it is ranked and searched like the others,
+5. picks the transform that needs the fewest high-precision layers (then the lower loss), and
+6. verifies the written recipe end to end with ``quantize_`` on a fresh copy and evaluates it.
 
 ``rotate`` is planned only as the folded rotation (``online_down: false``): the online Hadamard cannot be
 saved or served, and a plan is a recipe to save. Families that cannot fold a rotation drop the candidate
@@ -46,6 +51,8 @@ from outlierkit.llm.recipe import CalibConfig, Recipe, Step, layer_sqnr, quantiz
 
 TRANSFORMS = ("rtn", "smoothquant", "os_plus", "rotate")
 ROUNDING = "gptq"  # not a transform: a per-layer weight-rounding choice (gptq or rtn) on top of each transform
+PER_GROUP = "per_group"  # the mixed candidate: per fold group, the best of FOLD_CHOICES
+FOLD_CHOICES = ("rtn", "smoothquant", "os_plus")
 FLOAT_BITS = 16.0  # a kept layer is served in BF16/FP16
 
 
@@ -106,6 +113,7 @@ class Plan:
     uniform: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # the per_group candidate's choice per fold group
 
 
 METRICS = ("auto", "ppl", "top1", "cos")
@@ -149,7 +157,7 @@ def _transform_step(name: str, params: dict[str, Any] | None = None) -> list[Ste
         raise ConfigError("the planner does not plan rotate's online Hadamard (online_down): the planned model is "
                           "saved and vLLM/transformers cannot run it; use the folded 'rotate'")
     if name not in TRANSFORMS:
-        raise ConfigError(f"unknown transform {name!r}; valid: {', '.join((*TRANSFORMS, ROUNDING))}")
+        raise ConfigError(f"unknown transform {name!r}; valid: {', '.join((*TRANSFORMS, PER_GROUP, ROUNDING))}")
     if params is None:
         params = ({"folds": ["norm", "attn_v"]} if name == "smoothquant" else
                   {"online_down": False} if name == "rotate" else {})
@@ -216,11 +224,17 @@ class Planner:
         self.metric = metric
         self.profile = profile
         if not transforms:
-            raise ConfigError("give at least one transform (rtn, smoothquant, os_plus, rotate; gptq)")
+            raise ConfigError("give at least one transform (rtn, smoothquant, os_plus, rotate; per_group; gptq)")
         self.gptq = ROUNDING in transforms
-        bases = list(dict.fromkeys(t for t in transforms if t != ROUNDING)) or ["rtn"]
-        for t in bases:
-            _transform_step(t)
+        bases = list(dict.fromkeys(t for t in transforms if t not in (ROUNDING, PER_GROUP))) or ["rtn"]
+        self._steps: dict[str, list[Step]] = {t: _transform_step(t) for t in bases}
+        if PER_GROUP in transforms:
+            if sum(t in bases for t in FOLD_CHOICES) < 2:
+                raise ConfigError(f"{PER_GROUP} chooses per fold group among {', '.join(FOLD_CHOICES)}: give at "
+                                  "least two of them as well")
+            bases.append(PER_GROUP)
+        self.group_choice: list[dict[str, Any]] = []
+        self._layer_choice: dict[str, str] = {}
         if self.gptq:
             from outlierkit.llm.formats import IntFormat
 
@@ -246,7 +260,7 @@ class Planner:
         base, gptq = _split(transform)
         last: dict[str, Any] = {"gptq": {"rtn_layers": sorted(set(rtn_layers) - set(kept))}} if gptq else {"rtn": {}}
         data: dict[str, Any] = {"name": self.name, "weight": self.weight, "act": self.act,
-                                "steps": [{s.method: s.params} for s in _transform_step(base)] + [last],
+                                "steps": [{s.method: s.params} for s in self._steps[base]] + [last],
                                 "overrides": {n: "skip" for n in kept}}
         r = Recipe.from_dict({k: v for k, v in data.items() if k not in ("weight", "act")})
         r.weight, r.act, r.calib = self.weight, self.act, self.calib_config
@@ -293,6 +307,8 @@ class Planner:
             if base in refused:
                 continue
             float_src: nn.Module | None = None
+            if base == PER_GROUP and base not in self._steps:
+                self._steps[PER_GROUP] = self._choose_groups(mm, names, per_transform)
             if gptq:  # the transformed float model is the base candidate's
                 tm, touched = per_transform[base]["model"], per_transform[base]["touched"]
             else:
@@ -347,7 +363,7 @@ class Planner:
         layers = self._explain(names, spikes, per_transform, best_t, best, params)
         plan = Plan(recipe, best_t, best.kept, final_loss, self.meets(final_loss)
                     and (self.target.bits is None or best.bits <= self.target.bits + 1e-9),
-                    layers, self.probes, uniform, notes=list(self.notes))
+                    layers, self.probes, uniform, notes=list(self.notes), groups=self.group_choice)
         plan.metrics = {"loss": final_loss, "metric": self.metric, "loss_search": best.loss,
                         "kept_float": float(len(best.kept)), "layers": float(len(names)),
                         "avg_weight_bits": best.bits, "output_sqnr_db": rep.metrics["output_sqnr_db"],
@@ -355,16 +371,48 @@ class Planner:
                         **{f"planned_{k}": v for k, v in final_metrics.items() if k != "eval_tokens"}}
         return plan
 
+    def _choose_groups(self, mm: Any, names: list[str], per: dict[str, dict[str, Any]]) -> list[Step]:
+        """Per fold group, the transform of FOLD_CHOICES under which its consumers' worst layer SQNR is highest
+        (ties: the cheaper one, in FOLD_CHOICES order); the steps that apply exactly those choices."""
+        from outlierkit.llm.methods.base import resolve_groups
+
+        choices = [t for t in FOLD_CHOICES if t in per]
+        kinds = {t: tuple(s.params.get("folds", ("norm", "attn_v", "linear")))
+                 for t in choices for s in self._steps[t]}
+        picked: dict[str, list[str]] = {t: [] for t in choices}
+        for g in resolve_groups(self.model, mm, ("norm", "attn_v", "linear"), "plan"):
+            consumers = [n for n in g.linears if n in names]
+            if not consumers:
+                continue
+            row: dict[str, Any] = {"group": g.linears[0], "kind": g.spec.kind, "consumers": len(consumers)}
+            best, best_db = "rtn", -math.inf
+            for t in choices:
+                if t != "rtn" and g.spec.kind not in kinds[t]:
+                    continue
+                db = min(per[t]["sqnr"].get(n, -math.inf) for n in consumers)
+                row[f"min_sqnr_db_{t}"] = db
+                if db > best_db + 1e-9:
+                    best, best_db = t, db
+            row["chosen"] = best
+            picked.setdefault(best, []).append(g.linears[0])
+            self._layer_choice.update(dict.fromkeys(consumers, best))
+            self.group_choice.append(row)
+        steps = [Step(t, {**self._steps[t][0].params, "groups": picked[t]}) for t in FOLD_CHOICES
+                 if t != "rtn" and picked.get(t)]
+        counts = ", ".join(f"{t} {len(v)}" for t, v in picked.items())
+        log(f"plan: {PER_GROUP}: fold groups by best measured SQNR: {counts}")
+        return steps
+
     def _transform(self, tm: nn.Module, t: str, names: list[str]) -> set[str] | None:
         """Apply transform ``t`` in place; the layers whose weights it changed (None: the family refused it)."""
-        steps = _transform_step(t)
+        steps = self._steps[t]
         if not steps:
             return set()
         from outlierkit.llm.methods import QuantContext
 
         before = {n: _weight(tm, n).detach().clone() for n in names}
         ctx = QuantContext(self.calib, self.weight, self.act)
-        records = steps[0].build(f"plan.{t}").apply(tm, ctx)
+        records = [r for i, st in enumerate(steps) for r in st.build(f"plan.{t}[{i}]").apply(tm, ctx)]
         if t == "rotate" and any(r.info.get("applied") is False for r in records):
             # shown once, as a report warning (console and report.json)
             self.notes.append(f"plan: candidate 'rotate' dropped: {ctx.notes[-1] if ctx.notes else 'refused'}")
@@ -489,6 +537,8 @@ class Planner:
                                  f" the target needs the top {len(best.kept)}")
             else:
                 base, _ = _split(t)
+                if base == PER_GROUP:  # the transform chosen for this layer's fold group
+                    base = self._layer_choice.get(n, "rtn")
                 rounding = per[t]["rounding"].get(n, "rtn")
                 row["precision"] = fmt
                 touched = n in per[t]["touched"]
@@ -516,6 +566,8 @@ def plan_report(plan: Plan, target: PlanTarget, config: dict[str, Any]) -> Any:
     rep.add_table("layers", plan.layers)
     rep.add_table("uniform", plan.uniform)
     rep.add_table("probes", [p.row() for p in plan.probes])
+    if plan.groups:
+        rep.add_table("fold_groups", plan.groups)
     for note in plan.notes:
         rep.warn(note)
     if not plan.meets_target:

@@ -9,7 +9,8 @@ accelerate dependency and a dataset layer for what is 30 lines here).
 
 Split: every source is cut into documents and split by the evaluation protocol
 (:func:`outlierkit.llm.evaluate.split_documents`): the model trains only on the calibration half of each source,
-so ``outlierkit eval`` (which scores the held-out half) measures text the model never saw.
+so ``outlierkit eval`` (which scores the held-out half) measures text the model never saw (training documents
+identical to a held-out one are dropped).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class LMConfig:
     layers: int = 6
     heads: int = 8
     kv_heads: int = 4
-    intermediate: int = 688
+    intermediate: int = 768  # LLaMA rule: 8/3 x hidden rounded up to a multiple of 256 (g128-divisible)
     seq_len: int = 256
     batch_size: int = 16
     steps: int = 3000
@@ -78,7 +79,10 @@ def training_documents(data: Sequence[str] | None) -> tuple[list[Document], list
         a, b = split_documents(docs)
         train += a
         test += b
-    return train, test
+    # The built-in corpus repeats some text under two names (pydoc topics "identifiers" / "id-classes", ...):
+    # a training document identical to a held-out one would leak it, so it is dropped from training.
+    held = {d.text for d in test}
+    return [d for d in train if d.text not in held], test
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
@@ -210,9 +214,10 @@ def save_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path, cfg: LMConfig
     hf_logging.disable_progress_bar()  # outlierkit logs its own stages
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(dtype)
-    model.save_pretrained(out)  # type: ignore[operator]
-    model.float()
+    # weights cast on the way out (the model itself is left as it is: casting it would also round the rotary
+    # inv_freq buffer)
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)  # type: ignore[operator]
     tokenizer.save_pretrained(out)
     atomic_write_text(out / "outlierkit_train.json",
                       json.dumps({"config": asdict(cfg), **meta}, indent=2, default=str) + "\n")

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--act", default="int8-tensor", help="activation format of quantized layers (int8-tensor)")
     parser.add_argument("--transforms", nargs="+", default=["rtn", "smoothquant", "os_plus"],
                         help="candidates (default: rtn smoothquant os_plus); also rotate (folded Hadamard; "
-                             "refused families are dropped with a warning) and gptq (each transform also tried "
-                             "with GPTQ, taken per layer where its measured SQNR beats RTN)")
+                             "refused families are dropped with a warning), per_group (per fold group the best "
+                             "measured of rtn/smoothquant/os_plus, one mixed candidate) and gptq (each transform "
+                             "also tried with GPTQ, taken per layer where its measured SQNR beats RTN)")
     parser.add_argument("--profile", default=None,
                         help="saved activation profile (default: profile the calibration data)")
     parser.add_argument("--data", nargs="+", default=None, help="text (default: built-in corpus), split in halves")

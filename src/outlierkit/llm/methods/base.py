@@ -4,6 +4,7 @@ that SmoothQuant and OS+ share (scale and shift moved between a producer and its
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -188,6 +189,20 @@ def resolve_groups(model: nn.Module, mm: ModelMap, kinds: tuple[str, ...], metho
                 continue
         out.append(grp)
     return out
+
+
+def select_groups(groups: list[Group], only: Sequence[str] | None, method: str) -> list[Group]:
+    """The groups whose first consumer linear matches an entry of ``only`` (FQNs or ``re:`` regexes); all when
+    ``only`` is None. An entry that matches no group is a recipe error (a typo would silently do nothing)."""
+    if only is None:
+        return groups
+    pats = [Override(p) for p in only]
+    unmatched = [p.pattern for p in pats if not any(p.matches(g.linears[0]) for g in groups)]
+    if unmatched:
+        firsts = ", ".join(g.linears[0] for g in groups[:4])
+        raise ConfigError(f"{method}.groups: {unmatched[:3]} match no fold group of the asked kinds; name a "
+                          f"group by its first consumer linear (e.g. {firsts}, ...) or a 're:' regex")
+    return [g for g in groups if any(p.matches(g.linears[0]) for p in pats)]
 
 
 def nothing_to_fold(ctx: QuantContext, mm: ModelMap, method: str, folds: tuple[str, ...] | list[str],

@@ -36,6 +36,7 @@ from outlierkit.llm.methods.base import (
     in_weight,
     nothing_to_fold,
     resolve_groups,
+    select_groups,
     tie_expand,
     tie_reduce,
 )
@@ -390,6 +391,8 @@ class OSPlus(QuantMethod):
 
     Args:
         folds: fold kinds to transform (default all: ``norm``, ``attn_v``, ``linear`` (up -> down)).
+        groups: only the fold groups whose first consumer linear matches one of these FQNs or ``re:`` regexes
+            (default None: all; the planner's per-group choice writes them).
         shift: apply the channel shift where a bias can absorb it (default True; never for RMSNorm or
             up -> down, where no bias exists or the shift would not be exact).
         floor: lowest clip threshold (default 1.0 as in the OPT code and llmc; the LLaMA code uses 0.1).
@@ -410,6 +413,7 @@ class OSPlus(QuantMethod):
     """
 
     folds: tuple[str, ...] = ("norm", "attn_v", "linear")
+    groups: list[str] | None = None
     shift: bool = True
     floor: float = 1.0
     max_candidates: int = 400
@@ -435,7 +439,7 @@ class OSPlus(QuantMethod):
 
     def apply(self, model: nn.Module, ctx: QuantContext) -> list[LayerRecord]:
         mm = ctx.model_map(model)
-        groups = resolve_groups(model, mm, tuple(self.folds), "os_plus")
+        groups = select_groups(resolve_groups(model, mm, tuple(self.folds), "os_plus"), self.groups, "os_plus")
         if not groups:
             return nothing_to_fold(ctx, mm, "os_plus", self.folds, "transformed")
         wfmt = parse_format(self.weight, "os_plus.weight") if self.weight else ctx.weight

@@ -20,6 +20,7 @@ from outlierkit.llm.methods.base import (
     in_weight,
     nothing_to_fold,
     resolve_groups,
+    select_groups,
     tie_reduce,
 )
 
@@ -44,10 +45,13 @@ class SmoothQuant(QuantMethod):
         alpha: migration strength (default None = the family preset, 0.5 where there is none).
         folds: which fold kinds to smooth (default ``("norm",)`` as in the paper; ``"attn_v"`` adds
             v -> o, ``"linear"`` adds up -> down, both exact but not in the reference code).
+        groups: only the fold groups whose first consumer linear matches one of these FQNs or ``re:`` regexes
+            (default None: all; the planner's per-group choice writes them).
     """
 
     alpha: float | None = None
     folds: tuple[str, ...] = ("norm",)
+    groups: list[str] | None = None
     transform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -61,7 +65,8 @@ class SmoothQuant(QuantMethod):
     def apply(self, model: nn.Module, ctx: QuantContext) -> list[LayerRecord]:
         mm = ctx.model_map(model)
         alpha = self.alpha if self.alpha is not None else ALPHA_PRESETS.get(mm.spec.name, 0.5)
-        groups = resolve_groups(model, mm, tuple(self.folds), "smoothquant")
+        groups = select_groups(resolve_groups(model, mm, tuple(self.folds), "smoothquant"), self.groups,
+                               "smoothquant")
         if not groups:
             return nothing_to_fold(ctx, mm, "smoothquant", self.folds, "smoothed")
         stats = collect_input_stats(model, sorted({g.linears[0] for g in groups}), ctx.batches,
