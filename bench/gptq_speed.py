@@ -4,6 +4,7 @@ Both variants get the same weight, Hessian and inverse-Hessian factor and must g
 script prints the factorization time (shared), each solve's time, their ratio and the largest difference.
 
     nice -n 10 .venv/bin/python bench/gptq_speed.py --rows 4096 --cols 4096 --tokens 4608
+    nice -n 10 .venv/bin/python bench/gptq_speed.py --calib-layers 16 --rows 512 --cols 512   # + calibration
 """
 
 from __future__ import annotations
@@ -31,8 +32,36 @@ def column_loop(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, pins: tor
     return Q
 
 
+@torch.no_grad()
+def calibration(layers: int, hidden: int, samples: int, seq_len: int) -> None:
+    """GPTQ on a whole model: each layer on cached inputs (2 layer forwards per layer) vs replaying the model
+    from the embeddings for every layer (the reference; L(L+1)/2 layer forwards). Same weights required."""
+    from outlierkit.llm.corpus import build_corpus, load_documents
+    from outlierkit.llm.fixtures import tiny_model, tokenizer
+    from outlierkit.llm.recipe import quantize_
+
+    batches = build_corpus(tokenizer(), load_documents(None), samples=samples, seq_len=seq_len, seed=0).batches(8)
+    times, weights = {}, {}
+    for cache in (True, False):
+        model = tiny_model("llama", num_hidden_layers=layers, hidden_size=hidden, intermediate_size=hidden * 2,
+                           num_attention_heads=8, num_key_value_heads=8)
+        t0 = time.perf_counter()
+        quantize_(model, {"weight": "int4-channel", "act": None, "steps": [{"gptq": {"cache_inputs": cache}}]},
+                  batches, baseline=False)
+        times[cache] = time.perf_counter() - t0
+        weights[cache] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    diff = max(float((weights[True][n] - w).abs().max()) for n, w in weights[False].items())
+    print(f"GPTQ calibration, {layers}-layer LLaMA (hidden {hidden}), {samples} x {seq_len} tokens: "
+          f"cached layer inputs "
+          f"{times[True]:.1f} s, replay {times[False]:.1f} s, ratio {times[False] / times[True]:.2f}x; "
+          f"max weight difference {diff:.2g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calib-layers", type=int, default=0,
+                   help="also time whole-model GPTQ calibration (cached vs replay) on an N-layer tiny LLaMA")
+    p.add_argument("--calib-hidden", type=int, default=256)
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=4608)
@@ -44,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from outlierkit.llm.formats import IntFormat, parse_format
     from outlierkit.llm.methods.gptq import damped_inverse_factor, gptq_quantize, pin_values, weight_qparams
 
+    if a.calib_layers:
+        calibration(a.calib_layers, a.calib_hidden, samples=64, seq_len=128)
     fmt = parse_format(a.format)
     assert isinstance(fmt, IntFormat) and fmt.symmetric, "the reference loop here is written for symmetric formats"
     g = torch.Generator().manual_seed(0)
