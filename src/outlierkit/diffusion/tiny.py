@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -535,6 +534,7 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
                log_every: int = 100) -> tuple[TinyMDM, Task, list[dict[str, float]]]:
     """Train a :class:`TinyMDM` on ``cfg.task``; returns the model (eval mode), the task and a loss log."""
     from outlierkit._utils import seed_everything
+    from outlierkit._utils.train import optimizer_step, warmup_cosine
 
     task = make_task(cfg.task)
     parent = check_init_from(cfg)
@@ -548,25 +548,14 @@ def train_tiny(cfg: TrainConfig, on_log: Callable[[int, float], None] | None = N
         model.load_state_dict(parent.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     history: list[dict[str, float]] = []
     running, t0 = 0.0, time.perf_counter()
     model.train()
     for step in range(cfg.steps):
         prompts, resps = task.sample_train(cfg.batch_size, gen)
         loss = masked_diffusion_loss(model, prompts, resps, gen, cfg.eps, cfg.prefix_frac)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        sched.step()
-        running += float(loss.detach())
+        running += optimizer_step(loss, opt, sched, model.parameters(), cfg.clip)
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             n = (step % log_every) + 1
             row = {"step": step + 1, "loss": running / n, "seconds": time.perf_counter() - t0}

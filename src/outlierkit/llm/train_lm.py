@@ -15,7 +15,6 @@ identical to a held-out one are dropped).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from outlierkit._utils.train import optimizer_step, warmup_cosine
 from outlierkit.errors import ConfigError
 from outlierkit.llm.corpus import Document
 
@@ -44,10 +44,10 @@ class LMConfig:
     intermediate: int = 768  # LLaMA rule: 8/3 x hidden rounded up to a multiple of 256 (g128-divisible)
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 3000
+    steps: int = 1500
     lr: float = 2e-3
     min_lr_frac: float = 0.1
-    warmup: int = 150
+    warmup: int = 100
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
@@ -162,13 +162,7 @@ def train_lm(cfg: LMConfig, on_log: Callable[[dict[str, float]], None] | None = 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_frac))
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     running, t0 = 0.0, time.perf_counter()
@@ -178,12 +172,7 @@ def train_lm(cfg: LMConfig, on_log: Callable[[dict[str, float]], None] | None = 
         x = _windows(train, starts, cfg.seq_len + 1)
         logits = model(input_ids=x[:, :-1]).logits
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        sched.step()
-        running += float(loss.detach())
+        running += optimizer_step(loss, opt, sched, model.parameters(), cfg.clip)
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             model.eval()
             row = {"step": step + 1, "loss": running / ((step % log_every) + 1),

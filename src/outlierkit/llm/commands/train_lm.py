@@ -18,19 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=[],
                         help="text files/dirs/JSONL added to the built-in corpus (each source: calibration half "
                              "trains, held-out half is only evaluated)")
-    parser.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
-    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                        help=f"sequences per step (default: {d.batch_size})")
-    parser.add_argument("--seq-len", type=positive_int, default=d.seq_len,
-                        help=f"tokens per sequence (default: {d.seq_len})")
-    parser.add_argument("--hidden", type=positive_int, default=d.hidden, help=f"hidden size (default: {d.hidden})")
-    parser.add_argument("--layers", type=positive_int, default=d.layers, help=f"decoder layers (default: {d.layers})")
-    parser.add_argument("--heads", type=positive_int, default=d.heads, help=f"attention heads (default: {d.heads})")
-    parser.add_argument("--kv-heads", type=positive_int, default=d.kv_heads, help=f"KV heads (default: {d.kv_heads})")
-    parser.add_argument("--intermediate", type=positive_int, default=d.intermediate,
-                        help=f"MLP width (default: {d.intermediate})")
-    parser.add_argument("--vocab-size", type=positive_int, default=d.vocab_size,
-                        help=f"BPE vocabulary (default: {d.vocab_size})")
+    for flag, name, what in (("--steps", "steps", "optimizer steps"),
+                             ("--batch-size", "batch_size", "sequences per step"),
+                             ("--seq-len", "seq_len", "tokens per sequence"), ("--hidden", "hidden", "hidden size"),
+                             ("--layers", "layers", "decoder layers"), ("--heads", "heads", "attention heads"),
+                             ("--kv-heads", "kv_heads", "KV heads"), ("--intermediate", "intermediate", "MLP width"),
+                             ("--vocab-size", "vocab_size", "BPE vocabulary")):
+        parser.add_argument(flag, type=positive_int, default=getattr(d, name),
+                            help=f"{what} (default: {getattr(d, name)})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     parser.add_argument("--warmup", type=int, default=d.warmup, help=f"warm-up steps (default: {d.warmup})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
