@@ -205,7 +205,9 @@ def save_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path, cfg: LMConfig
     out.mkdir(parents=True, exist_ok=True)
     # weights cast on the way out (the model itself is left as it is: casting it would also round the rotary
     # inv_freq buffer)
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    cast: dict[int, torch.Tensor] = {}  # tied tensors (embedding = LM head) stay one tensor, saved once
+    state = {k: cast.setdefault(v.data_ptr(), v.detach().to(dtype)) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
     model.save_pretrained(out, state_dict=state)  # type: ignore[operator]
     tokenizer.save_pretrained(out)
     atomic_write_text(out / "outlierkit_train.json",
