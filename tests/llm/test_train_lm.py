@@ -54,6 +54,10 @@ def test_trained_model_learns_and_reloads_exactly(text_file, tmp_path):
         p.data = p.data.to(torch.bfloat16).float()
     ref = model(input_ids=x).logits
     torch.testing.assert_close(lm.model(input_ids=x).logits, ref, rtol=0, atol=0)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the tied LM head is stored once
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
     rec = json.loads((out / "outlierkit_train.json").read_text())
     assert rec["config"]["hidden"] == 32 and rec["command"] == "test"
 
