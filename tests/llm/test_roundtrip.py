@@ -220,3 +220,25 @@ def test_gptq_and_rotation_export_as_compressed_tensors_and_reload_exactly(weigh
     got = _logits(back, batches)
     assert torch.equal(got, ours), f"reload differs by {float((got - ours).abs().max())}"
     assert not vllm_problems(m), vllm_problems(m)
+
+
+def test_bundled_tinylm_gptq_w4a16_g128_round_trips(tmp_path):
+    """The trained tinylm (tied embedding, GQA, g128-divisible widths): GPTQ W4A16 g128 saves as packed
+    compressed-tensors, reloads in plain transformers with the same logits, and is smaller than its bf16 file."""
+    from transformers import AutoModelForCausalLM
+
+    from outlierkit.llm.corpus import build_corpus, load_documents
+    from outlierkit.llm.evaluate import calibration_half
+    from outlierkit.llm.models import TINYLM, load_model
+
+    lm = load_model("tinylm", dtype="fp32", device="cpu")
+    batches = build_corpus(lm.tokenizer, calibration_half(load_documents(None)), samples=24, seq_len=64,
+                           seed=0).batches(8)
+    recipe = load_recipe({"weight": "int4-g128", "act": None, "steps": [{"gptq": {}}]})
+    recipe.calib = CalibConfig(min_tokens=1)
+    quantize_(lm.model, recipe, batches, baseline=False, target="transformers")
+    ours = _logits(lm.model, batches[:1])
+    assert save_quantized(lm.model, lm.tokenizer, tmp_path / "q") == "compressed-tensors"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(back, batches[:1]), ours)
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < (TINYLM / "model.safetensors").stat().st_size
