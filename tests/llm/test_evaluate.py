@@ -106,3 +106,30 @@ def test_quantize_and_os_plus_search_report_progress(corpus, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "quantize: step 1/2 os_plus" in err and "quantize: step 2/2 rtn" in err
     assert "os_plus: scale search, fold group 8/8" in err
+
+
+def test_relative_perplexity_is_paired_over_the_same_windows():
+    """ppl_rel = ppl / ppl_float - 1 on the same windows; its paired interval contains it, is [0, 0] for the
+    float model itself, and is far narrower than the per-model intervals (which mostly measure the windows)."""
+    import copy
+
+    from outlierkit.llm.evaluate import EvalData, evaluate_model
+    from outlierkit.llm.models import load_model
+
+    lm = load_model("tinylm", dtype="fp32", device="cpu")
+    docs = load_documents(None)[1::2]
+    from outlierkit.llm.corpus import build_corpus
+
+    held = build_corpus(lm.tokenizer, docs, samples=4, seq_len=32, seed=0).batches(4)
+    ev = EvalData(held, docs, causal=True, window=64, max_windows=24)
+    ref = evaluate_model(lm.model, lm.tokenizer, ev)
+    assert ref["ppl_rel"] == ref["ppl_rel_lo"] == ref["ppl_rel_hi"] == 0.0
+    q = copy.deepcopy(lm.model)
+    quantize_(q, {"weight": {"bits": 5, "symmetric": True, "granularity": "channel"}, "act": None,
+                  "steps": ["rtn"]}, [d.text for d in load_documents(None)[0:40:2][:8]], tokenizer=lm.tokenizer,
+              baseline=False)
+    got = evaluate_model(q, lm.tokenizer, ev)
+    assert math.isclose(got["ppl_rel"], got["ppl"] / ref["ppl"] - 1, rel_tol=1e-9)
+    assert got["ppl_rel_lo"] <= got["ppl_rel"] <= got["ppl_rel_hi"]
+    assert got["ppl_rel_lo"] > 0  # 5-bit weights cost perplexity on these windows, and the pairing shows it
+    assert got["ppl_rel_hi"] - got["ppl_rel_lo"] < 0.2 * (ref["ppl_hi"] - ref["ppl_lo"]) / ref["ppl"]

@@ -22,6 +22,21 @@ def perplexity(model: nn.Module, tokenizer: Any, documents: Sequence[Document], 
     The protocol of SmoothQuant / llmc (quant-anchors 2.3): text joined with blank lines, tokenized once,
     cut into non-overlapping windows; each window is scored on its own (first token has no target).
     """
+    return _ppl_stats(*window_nll(model, tokenizer, documents, window=window, max_windows=max_windows))
+
+
+def _ppl_stats(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """Perplexity with its 95% bootstrap interval over windows, mean NLL and token count."""
+    nll, n = float(sums.sum()), float(counts.sum())
+    lo, hi = bootstrap_ratio(sums, counts)
+    return {"ppl": math.exp(nll / n), "ppl_lo": math.exp(lo), "ppl_hi": math.exp(hi), "nll": nll / n,
+            "eval_tokens": n}
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, tokenizer: Any, documents: Sequence[Document], *, window: int = 128,
+               max_windows: int | None = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window of the perplexity protocol: summed token NLL and the number of predicted tokens (float64)."""
     device = next(model.parameters()).device
     sums, counts = [], []
     for ids in iter_text_windows(tokenizer, documents, window=window, max_windows=max_windows):
@@ -29,10 +44,19 @@ def perplexity(model: nn.Module, tokenizer: Any, documents: Sequence[Document], 
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:].to(device), reduction="sum")
         sums.append(float(loss))
         counts.append(ids.numel() - 1)
-    nll, n = sum(sums), sum(counts)
-    lo, hi = bootstrap_ratio(torch.tensor(sums), torch.tensor(counts, dtype=torch.float64))
-    return {"ppl": math.exp(nll / n), "ppl_lo": math.exp(lo), "ppl_hi": math.exp(hi), "nll": nll / n,
-            "eval_tokens": float(n)}
+    return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+
+
+def paired_ppl_ratio(nll: torch.Tensor, ref_nll: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """ppl / ppl_ref - 1 on the same windows, with a paired 95% bootstrap interval (windows resampled together).
+
+    The per-model perplexity intervals overlap whenever windows differ in difficulty more than models differ;
+    the paired difference of NLL per window removes that shared variation.
+    """
+    diff = nll - ref_nll
+    lo, hi = bootstrap_ratio(diff, counts)
+    mid = float(diff.sum() / counts.sum())
+    return {"ppl_rel": math.expm1(mid), "ppl_rel_lo": math.expm1(lo), "ppl_rel_hi": math.expm1(hi)}
 
 
 # ----------------------------------------------------------------------------------- confidence intervals
@@ -131,6 +155,7 @@ class EvalData:
     window: int = 128
     max_windows: int | None = 32
     reference: torch.Tensor | list[torch.Tensor] | None = None  # float embeddings or logits
+    reference_nll: torch.Tensor | None = None  # per-window NLL of the float model (causal)
 
 
 @torch.no_grad()
@@ -139,7 +164,11 @@ def evaluate_model(model: nn.Module, tokenizer: Any, data: EvalData) -> dict[str
     from outlierkit.llm.recipe import model_outputs
 
     if data.causal:
-        out = perplexity(model, tokenizer, data.documents, window=data.window, max_windows=data.max_windows)
+        sums, counts = window_nll(model, tokenizer, data.documents, window=data.window, max_windows=data.max_windows)
+        out = _ppl_stats(sums, counts)
+        if data.reference_nll is None:  # the first model evaluated is the reference (as for the logits)
+            data.reference_nll = sums
+        out.update(paired_ppl_ratio(sums, data.reference_nll, counts))
         if data.reference is None:
             data.reference = model_outputs(model, data.batches)
         assert isinstance(data.reference, list)
