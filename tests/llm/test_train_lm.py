@@ -85,3 +85,22 @@ def test_bundled_tinylm_is_a_working_causal_lm():
     # what train-lm measured on the reloaded artifact, on text it never trained on
     assert ppl["ppl"] == pytest.approx(report["metrics"]["heldout_ppl[built-in]"], rel=1e-4)
     assert ppl["ppl"] < 0.05 * lm.model.config.vocab_size
+
+
+def test_keep_best_returns_the_weights_of_the_lowest_validation_loss(text_file, monkeypatch):
+    import outlierkit.llm.train_lm as tl
+
+    scripted, seen = iter([5.0, 3.0, 4.0]), []
+
+    def fake_val(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(tl, "_mean_loss", fake_val)
+    cfg = LMConfig(**{**TINY, "steps": 30}, data=[str(text_file)], keep_best=True)
+    model, _, hist, summary = train_lm(cfg, log_every=10)
+    assert [h["val_loss"] for h in hist] == [5.0, 3.0, 4.0]
+    assert summary["kept_step"] == 20 and summary["kept_val_loss"] == 3.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seen[1][k]), k
+    assert not all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())

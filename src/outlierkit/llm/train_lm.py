@@ -54,6 +54,7 @@ class LMConfig:
     seed: int = 0
     threads: int = 2
     val_frac: float = 0.02
+    keep_best: bool = False  # keep the weights of the lowest validation loss (checked at every log step)
     data: list[str] = field(default_factory=list)
 
     def check(self) -> None:
@@ -165,6 +166,7 @@ def train_lm(cfg: LMConfig, on_log: Callable[[dict[str, float]], None] | None = 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_frac))
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (float("inf"), 0, None)
     running, t0 = 0.0, time.perf_counter()
     model.train()
     for step in range(cfg.steps):
@@ -179,15 +181,20 @@ def train_lm(cfg: LMConfig, on_log: Callable[[dict[str, float]], None] | None = 
                    "val_loss": _mean_loss(model, val, cfg.seq_len, cfg.batch_size),
                    "seconds": time.perf_counter() - t0}
             model.train()
+            if cfg.keep_best and row["val_loss"] < best[0]:  # early stopping without stopping: a copy of the best
+                best = (row["val_loss"], step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
             history.append(row)
             running = 0.0
             if on_log is not None:
                 on_log(row)
     model.eval()
-    summary = {"train_documents": len(train_docs), "heldout_documents": len(test_docs),
-               "train_tokens": int(train.numel()), "val_tokens": int(val.numel()),
-               "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
-               "params": sum(p.numel() for p in model.parameters())}
+    summary: dict[str, Any] = {"train_documents": len(train_docs), "heldout_documents": len(test_docs),
+                               "train_tokens": int(train.numel()), "val_tokens": int(val.numel()),
+                               "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+                               "params": sum(p.numel() for p in model.parameters())}
+    if cfg.keep_best and best[2] is not None:
+        model.load_state_dict(best[2])
+        summary.update({"kept_step": best[1], "kept_val_loss": best[0]})
     return model, tokenizer, history, summary
 
 
