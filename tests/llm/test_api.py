@@ -32,6 +32,8 @@ def test_import_is_lazy():
 @pytest.mark.slow
 def test_verbs_end_to_end(tmp_path, tok):
     """load -> quantize_ (plain strings) -> evaluate -> save -> load_quantized, through the package names."""
+    import copy
+
     import torch
 
     from outlierkit.llm.fixtures import save_tiny
@@ -39,9 +41,14 @@ def test_verbs_end_to_end(tmp_path, tok):
     lm = llm.load_model(str(save_tiny(tmp_path / "m", "llama")))
     texts = [d.text for d in llm.load_documents(None)[:16]]
     recipe = {"weight": "int8-channel", "act": "int8-tensor", "steps": ["rtn"], "calib": {"samples": 8, "seq_len": 48}}
-    report = llm.quantize_(lm.model, recipe, texts, tokenizer=lm.tokenizer)
+    other = copy.deepcopy(lm.model)
+    report = llm.quantize_(lm.model, recipe, texts, tokenizer=lm.tokenizer, target="transformers")
     assert report.metrics["layers_quantized"] > 0
     llm.save_quantized(lm.model, lm.tokenizer, tmp_path / "q")
+    # without a target the activations are simulated on vLLM's grid: saving that for transformers says so
+    llm.quantize_(other, recipe, texts, tokenizer=lm.tokenizer)
+    with pytest.warns(UserWarning, match="vLLM's grid"):
+        llm.save_quantized(other, lm.tokenizer, tmp_path / "q2")
     q = llm.load_quantized(tmp_path / "q")
     batch = llm.build_corpus(lm.tokenizer, llm.load_documents(None), samples=2, seq_len=16).batches(2)
     data = llm.EvalData(batch, [], causal=False)

@@ -136,12 +136,33 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, rec
                     raise ConfigError("vLLM cannot serve this model: " + "; ".join(problems[:6])
                                       + (" ..." if len(problems) > 6 else ""))
             export_compressed_tensors(model, tokenizer, out_dir, recipe_yaml=recipe_yaml)
+            if target == "transformers":
+                _warn_grid_mismatch(model)
             return "compressed-tensors"
         except ConfigError:
             if target == "vllm":
                 raise
     save_outlierkit(model, tokenizer, out_dir, recipe_yaml=recipe_yaml)
     return "outlierkit"
+
+
+def _warn_grid_mismatch(model: nn.Module) -> None:
+    """Dynamic INT activations simulated on vLLM's grid (absmax / 127, the default of a recipe quantized without
+    a target) are recomputed by transformers on compressed-tensors' grid (absmax / 127.5): the reloaded model's
+    outputs then differ slightly from the ones measured. Say so instead of letting the reload look wrong."""
+    from outlierkit.llm.formats import IntFormat
+    from outlierkit.llm.layers import quant_layers
+
+    names = [n for n, q in quant_layers(model) if isinstance(q.act_format, IntFormat) and q.act_format.dynamic
+             and q.act_format.symmetric and q.act_format.grid == "vllm"]
+    if names:
+        import warnings
+
+        warnings.warn(f"{len(names)} layer(s) (first: {names[0]}) quantize activations dynamically on vLLM's grid "
+                "(absmax / 127) but transformers recomputes them on compressed-tensors' grid (absmax / 127.5): the "
+                "reloaded model's outputs will differ slightly from the ones measured; quantize with "
+                "target='transformers' (quantize_(..., target='transformers'), as `outlierkit quantize` does) to "
+                "measure exactly what transformers runs", stacklevel=3)
 
 
 def apply_quant_state(model: nn.Module, state: dict[str, Any], directory: Path | None = None) -> nn.Module:
