@@ -104,3 +104,19 @@ def test_keep_best_returns_the_weights_of_the_lowest_validation_loss(text_file, 
     for k, v in model.state_dict().items():
         assert torch.equal(v, seen[1][k]), k
     assert not all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())
+
+
+def test_cli_trains_saves_and_scores_the_reloaded_model(text_file, tmp_path):
+    from outlierkit.cli import main
+    from outlierkit.llm.models import load_model
+
+    out = tmp_path / "lm"
+    assert main(["train-lm", "--out", str(out), "--data", str(text_file), "--steps", "4", "--warmup", "1",
+                 "--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--intermediate", "64",
+                 "--vocab-size", "320", "--seq-len", "32", "--batch-size", "4", "--threads", "1"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(k for k in rep["metrics"] if k.startswith("heldout_ppl")) == \
+        {"heldout_ppl[built-in]", "heldout_ppl[lines.txt]"}
+    assert all(math.isfinite(v) and v > 1 for k, v in rep["metrics"].items() if k.startswith("heldout_ppl"))
+    assert (out / "loss.png").is_file() and not (tmp_path / "lm.partial").exists()
+    assert type(load_model(str(out), dtype="fp32", device="cpu").model).__name__ == "LlamaForCausalLM"

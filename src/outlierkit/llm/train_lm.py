@@ -146,11 +146,15 @@ def _mean_loss(model: nn.Module, stream: torch.Tensor, seq_len: int, batch: int,
 
 
 def train_lm(cfg: LMConfig, on_log: Callable[[dict[str, float]], None] | None = None,
-             log_every: int = 100) -> tuple[nn.Module, Any, list[dict[str, float]], dict[str, Any]]:
-    """Train the tokenizer and the model; returns (model in eval mode, tokenizer, loss log, data summary)."""
+             log_every: int = 100, documents: tuple[list[Document], list[Document]] | None = None,
+             ) -> tuple[nn.Module, Any, list[dict[str, float]], dict[str, Any]]:
+    """Train the tokenizer and the model; returns (model in eval mode, tokenizer, loss log, data summary).
+
+    ``documents``: the (train, held-out) split of :func:`training_documents` when the caller already has it
+    (default: built from ``cfg.data``)."""
     cfg.check()
     torch.set_num_threads(cfg.threads)
-    train_docs, test_docs = training_documents(cfg.data)
+    train_docs, test_docs = documents if documents is not None else training_documents(cfg.data)
     tokenizer = train_tokenizer([d.text for d in train_docs], cfg.vocab_size)
     stream = token_stream(tokenizer, train_docs)
     n_val = max(cfg.seq_len + 1, int(stream.numel() * cfg.val_frac))

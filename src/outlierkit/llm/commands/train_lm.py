@@ -62,15 +62,16 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, force=args.force)
     log(f"training a {cfg.layers}-layer LLaMA (hidden {cfg.hidden}) for {cfg.steps} steps of "
         f"{cfg.batch_size}x{cfg.seq_len} tokens on {cfg.threads} thread(s); a line every 100 steps")
+    documents = training_documents(cfg.data)  # read and split once: training, then the held-out scores
     model, tokenizer, hist, summary = train_lm(
         cfg, on_log=lambda r: log(f"step {int(r['step'])}/{cfg.steps} loss {r['loss']:.3f} "
-                                  f"val {r['val_loss']:.3f} ({r['seconds']:.0f} s)"))
+                                  f"val {r['val_loss']:.3f} ({r['seconds']:.0f} s)"), documents=documents)
     command = "outlierkit train-lm " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["train-lm"] else None
     with staged_output(args.out, force=args.force) as stage:
         save_lm(model, tokenizer, stage, cfg, {"command": command, "history": hist, **summary})
         # The artifact is the product: score what was written (bf16 weights, saved tokenizer), reloaded.
         lm = load_model(str(stage), dtype="fp32", device="cpu")
-        _, test_docs = training_documents(cfg.data)
+        test_docs = documents[1]
         rep = Report(kind="llm.train_lm", config=asdict(cfg))
         rep.metrics.update({"final_loss": hist[-1]["loss"], "final_val_loss": hist[-1]["val_loss"],
                             "seconds": hist[-1]["seconds"], **summary})
