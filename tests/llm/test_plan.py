@@ -139,3 +139,48 @@ def test_vllm_target_decides_per_fused_group(tok, data, tmp_path, capsys):
     assert main(["plan", str(d), "--bits", "9", "--target", "vllm", "--out", str(tmp_path / "p")]) == 2
     assert "per-token dynamic or per-tensor static" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_sequential_plan_equals_all_at_once(tok, data, monkeypatch):
+    """`Planner(sequential=True)`: the profile, transforms, GPTQ, every probe's perplexity and the verification
+    run one decoder layer at a time (the copies inherit it) and give the all-at-once plan."""
+    from outlierkit.llm import sequential
+
+    def plan(seq: bool):
+        model = tiny_model("llama")
+        return Planner(model, tok, data[0], _ev(data), weight=parse_format("int4-channel"),
+                       act=parse_format("int8-token"), target=PlanTarget(max_loss=0.02),
+                       transforms=("rtn", "smoothquant", "gptq"), metric="ppl", sequential=seq,
+                       device="cpu" if seq else None).run()
+
+    whole = plan(False)
+    passes = {"n": 0}
+    real = sequential.LayerwiseRunner.finish
+
+    def counting(self, *a, **k):
+        passes["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(sequential.LayerwiseRunner, "finish", counting)
+    seq = plan(True)
+    assert passes["n"] >= len(seq.probes) + 2  # every probe, the reference and the verification went layer-wise
+    assert (seq.transform, seq.kept) == (whole.transform, whole.kept)
+    assert seq.recipe.to_yaml() == whole.recipe.to_yaml()
+    assert seq.loss == pytest.approx(whole.loss, rel=1e-4, abs=1e-6)
+    for a, b in zip(whole.probes, seq.probes, strict=True):
+        assert (a.transform, a.kept) == (b.transform, b.kept)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-6)
+
+
+def test_sequential_cli_flags(tiny_llama_dir, tmp_path):
+    """`plan --sequential` and `profile --sequential` run on their defaults; a device map and --sequential
+    together are refused with a one-line error."""
+    out = tmp_path / "plan"
+    args = ["plan", str(tiny_llama_dir), "--max-loss", "0.08", "--metric", "top1", "--transforms", "rtn",
+            "--calib-samples", "6", "--samples", "4", "--seq-len", "32", "--batch-size", "6", "--out", str(out),
+            "--sequential", "--device", "cpu"]
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["sequential"] is True
+    prof = ["profile", str(tiny_llama_dir), "--samples", "6", "--seq-len", "32", "--sequential", "--device", "cpu"]
+    assert main([*prof, "--out", str(tmp_path / "p")]) == 0
+    assert main([*prof, "--device-map", "auto", "--out", str(tmp_path / "q")]) == 2

@@ -97,3 +97,93 @@ def test_quantize_cli_sequential_writes_the_same_model(tiny_llama_dir, tmp_path)
     assert outs[0].keys() == outs[1].keys()
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+_ALL = ["llama", "qwen2", "gemma2", "phi3", "mixtral", "qwen2_moe", "olmoe", "opt", "bloom", "gpt2", "bert"]
+
+
+@pytest.mark.parametrize("family", _ALL)
+def test_layerwise_forward_gives_the_model_outputs(family, batches):
+    """forward_each inside `layerwise` (every input through layer 0, then layer 1, ..., then the model's own
+    head over a replay of the last layer's outputs) returns what the plain forward returns."""
+    from outlierkit.llm.recipe import model_outputs
+    from outlierkit.llm.sequential import layerwise, layerwise_device
+
+    model = tiny_model(family)
+    if family == "gemma2":  # alternating sliding / full attention: refused, see below
+        model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
+    ref = model_outputs(model, batches)
+    with layerwise(model, "cpu"):
+        assert layerwise_device(model) == torch.device("cpu")
+        seq = model_outputs(model, batches)
+    assert layerwise_device(model) is None and not hasattr(model, "_outlierkit_layerwise")
+    for a, b in zip(ref, seq, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_layerwise_forward_is_layer_major_and_moves_each_layer_once(batches):
+    """Inside `layerwise` every input goes through layer 0 before any enters layer 1, the final norm runs once
+    per input after the last layer, and each layer is moved to the compute device once per pass."""
+    from outlierkit.llm import sequential
+    from outlierkit.llm.sequential import forward_each, layerwise
+
+    model = tiny_model("llama")
+    order: list[str] = []
+    model.model.norm.register_forward_hook(lambda *a: order.append("norm"))
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda *a, i=i: order.append(f"layer{i}"))
+    moves: list[int] = []
+    real_move = sequential._move_
+    layers = list(model.model.layers)
+
+    def counting_move(module, device, skip=None):
+        if any(module is layer for layer in layers) and not (skip and id(module) in skip):
+            moves.append(1)
+        real_move(module, device, skip)
+
+    sequential._move_ = counting_move
+    try:
+        with layerwise(model, "cpu"):
+            forward_each(model, batches)
+    finally:
+        sequential._move_ = real_move
+    n = len(batches)
+    assert order == ["layer0"] * n + ["layer1"] * n + ["norm"] * n
+    assert len(moves) == 2 * len(model.model.layers)  # to the device and back, once per layer
+
+
+def test_layerwise_perplexity_and_embeddings_equal_plain(tok, batches):
+    from outlierkit.llm.corpus import load_documents
+    from outlierkit.llm.evaluate import embeddings, window_nll
+    from outlierkit.llm.sequential import layerwise
+
+    docs = load_documents(None)[:6]
+    model = tiny_model("llama")
+    ref = window_nll(model, tok, docs, window=32, max_windows=6)
+    with layerwise(model, "cpu"):
+        seq = window_nll(model, tok, docs, window=32, max_windows=6)
+    for a, b in zip(ref, seq, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-4)
+    enc = tiny_model("bert")
+    ref_e = embeddings(enc, batches)
+    with layerwise(enc, "cpu"):
+        torch.testing.assert_close(embeddings(enc, batches), ref_e, rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_quantize_report_equals_all_at_once(batches):
+    """`quantize_(..., sequential=True)` runs every pass layer by layer (transform statistics, the static range
+    observers, the report's layer and output SQNR passes) and reports what the all-at-once run reports."""
+    from outlierkit.llm.recipe import quantize_
+
+    recipe = {"weight": "int8-channel", "act": "int8-tensor-static", "steps": ["smoothquant", "rtn"],
+              "calib": {"min_tokens": 16}}
+    reps = []
+    for sequential in (False, True):
+        model = tiny_model("llama")
+        reps.append(quantize_(model, recipe, batches, sequential=sequential))
+    a, b = reps
+    for k in ("output_sqnr_db", "output_sqnr_db_rtn", "layer_sqnr_db_min", "layer_sqnr_db_mean"):
+        assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-5), k
+    ra = {r["layer"]: r for r in a.tables["layer_sqnr"]}
+    for r in b.tables["layer_sqnr"]:
+        assert r["sqnr_db"] == pytest.approx(ra[r["layer"]]["sqnr_db"], rel=1e-5)

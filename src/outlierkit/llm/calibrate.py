@@ -110,7 +110,9 @@ def collect_input_stats(
             hooks.forward_pre(get_attr(model, name), stat_hook(name))
         for ctx in set(context_sites.values()):
             hooks.forward_pre(get_attr(model, ctx), ctx_hook(ctx), with_kwargs=True)
-        if sequential:
+        from outlierkit.llm.sequential import forward_each, layerwise_device
+
+        if sequential or layerwise_device(model) is not None:
             from outlierkit.llm.models import resolve
             from outlierkit.llm.sequential import forward_layer_by_layer, layer_of
 
@@ -119,13 +121,10 @@ def collect_input_stats(
             def before(i: int, b: Batch) -> None:
                 current["mask"], current["batch"] = b.attention_mask, i
 
-            forward_layer_by_layer(model, batches, device=device, before_batch=before, mm=mm,
-                                   last_layer=max(layer_of(mm, s) for s in sites))
+            forward_layer_by_layer(model, batches, device=device or layerwise_device(model), before_batch=before,
+                                   mm=mm, last_layer=max(layer_of(mm, s) for s in sites))
         else:
-            dev = next(model.parameters()).device
-            for i, b in enumerate(batches):
-                current["mask"], current["batch"] = b.attention_mask, i
-                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev))
+            forward_each(model, batches, before=lambda i, b: current.update(mask=b.attention_mask, batch=i))
     missing = [s for s in sites if s not in stats]
     if missing:
         raise DataError(f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}; "

@@ -37,13 +37,19 @@ def _ppl_stats(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
 def window_nll(model: nn.Module, tokenizer: Any, documents: Sequence[Document], *, window: int = 128,
                max_windows: int | None = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Per window of the perplexity protocol: summed token NLL and the number of predicted tokens (float64)."""
-    device = next(model.parameters()).device
-    sums, counts = [], []
-    for ids in iter_text_windows(tokenizer, documents, window=window, max_windows=max_windows):
-        logits = model(input_ids=ids[None].to(device)).logits.float()  # (1, T, V)
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:].to(device), reduction="sum")
-        sums.append(float(loss))
-        counts.append(ids.numel() - 1)
+    from outlierkit.llm.sequential import forward_each
+
+    windows = list(iter_text_windows(tokenizer, documents, window=window, max_windows=max_windows))
+    sums: list[float] = []
+
+    def nll(j: int, out: Any) -> None:
+        logits = out.logits.float()  # (1, T, V)
+        ids = windows[j]
+        sums.append(float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:].to(logits.device),
+                                                            reduction="sum")))
+
+    forward_each(model, [{"input_ids": ids[None]} for ids in windows], nll)
+    counts = [ids.numel() - 1 for ids in windows]
     return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
 
 
@@ -94,13 +100,17 @@ def bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, *, n_boot: int = 2000,
 @torch.no_grad()
 def embeddings(model: nn.Module, batches: list[Batch]) -> torch.Tensor:
     """Mean-pooled last hidden states over real tokens (sentence-transformers' pooling), (N, C)."""
-    device = next(model.parameters()).device
-    out = []
-    for b in batches:
-        h = first_tensor(model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)))
+    from outlierkit.llm.sequential import forward_each
+
+    out: list[torch.Tensor] = []
+
+    def pool(j: int, output: Any) -> None:
+        h = first_tensor(output)
         assert h is not None
-        m = b.attention_mask.to(h.device)[..., None].float()  # (B, T, 1)
+        m = batches[j].attention_mask.to(h.device)[..., None].float()  # (B, T, 1)
         out.append(((h.float() * m).sum(1) / m.sum(1).clamp(min=1)).cpu())  # (B, C)
+
+    forward_each(model, batches, pool)
     return torch.cat(out)
 
 

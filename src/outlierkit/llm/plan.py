@@ -48,6 +48,7 @@ from outlierkit.llm.corpus import Batch
 from outlierkit.llm.evaluate import EvalData
 from outlierkit.llm.formats import Format
 from outlierkit.llm.recipe import CalibConfig, Recipe, Step, layer_sqnr, quantize_
+from outlierkit.llm.sequential import layerwise
 
 TRANSFORMS = ("rtn", "smoothquant", "os_plus", "rotate")
 ROUNDING = "gptq"  # not a transform: a per-layer weight-rounding choice (gptq or rtn) on top of each transform
@@ -206,13 +207,18 @@ class Planner:
         fused: decide per fused group (q/k/v, gate/up: one layer in vLLM, which needs one scheme per fused
             layer): a group is kept or quantized as a whole, ranked by its worst member (default False;
             ``plan --target vllm`` sets it).
+        sequential: models larger than the device: every forward (profile, transforms, GPTQ, probes, the
+            verification) runs one decoder layer at a time on ``device`` while the weights of the model and
+            of its copies stay where they are (CPU memory); the plan is the all-at-once plan.
+        device: where sequential passes compute (default: the model's device).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, calib: list[Batch], eval_data: EvalData, *,
                  weight: Format | None, act: Format | None, target: PlanTarget,
                  transforms: Sequence[str] = ("rtn", "smoothquant", "os_plus"), metric: str = "auto",
                  calib_config: CalibConfig | None = None, name: str = "planned",
-                 profile: str | None = None, fused: bool = False) -> None:
+                 profile: str | None = None, fused: bool = False, sequential: bool = False,
+                 device: str | None = None) -> None:
         if metric not in METRICS:
             raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if metric == "auto":
@@ -252,7 +258,10 @@ class Planner:
         self.name = name
         self.fused = fused
         self.probes: list[Probe] = []
-        self.ref = measure(model, tokenizer, eval_data, self.metric)  # also fills the float reference
+        self.sequential = sequential
+        self.device = (device or str(next(model.parameters()).device)) if sequential else None
+        with layerwise(model, self.device):
+            self.ref = measure(model, tokenizer, eval_data, self.metric)  # also fills the float reference
         self.fmt_bits = weight.bits if weight is not None and hasattr(weight, "bits") else (8 if weight else 16)
 
     # ------------------------------------------------------------------------------------ helpers
@@ -280,12 +289,16 @@ class Planner:
         return p
 
     def _rtn(self, m: nn.Module, kept: Sequence[str]) -> None:
-        from outlierkit.llm.methods import QuantContext
         from outlierkit.llm.methods.base import Override
         from outlierkit.llm.methods.rtn import RTN
 
         skips = [Override(n, skip=True) for n in kept]
-        RTN().apply(m, QuantContext(self.calib, self.weight, self.act, overrides=skips))
+        RTN().apply(m, self._ctx(overrides=skips))
+
+    def _ctx(self, **kw: Any) -> Any:
+        from outlierkit.llm.methods import QuantContext
+
+        return QuantContext(self.calib, self.weight, self.act, sequential=self.sequential, device=self.device, **kw)
 
     def meets(self, loss: float) -> bool:
         return self.target.max_loss is None or loss <= self.target.max_loss
@@ -293,6 +306,25 @@ class Planner:
     # ------------------------------------------------------------------------------------ planning
     @torch.no_grad()
     def run(self) -> Plan:
+        with layerwise(self.model, self.device):  # copies made while planning inherit the setting
+            return self._run()
+
+    def _key(self, per: dict[str, dict[str, Any]], t: str) -> tuple[int, int, float, int]:
+        """Candidate order: fewest kept layers meeting the target, then the lowest loss, then the cheaper."""
+        b: Probe = per[t]["best"]
+        return (0 if self.meets(b.loss) else 1, len(b.kept), b.loss, self.transforms.index(t))
+
+    def _release(self, per: dict[str, dict[str, Any]], pending: Sequence[str]) -> None:
+        """Drop the transformed copies no later step needs (all but the best so far and the bases of pending
+        ``+gptq`` candidates): with a large model every copy is a model's worth of memory."""
+        done = [t for t in per if "best" in per[t]]
+        best = min(done, key=lambda t: self._key(per, t))
+        keep = {best, *(_split(t)[0] for t in pending if _split(t)[1])}
+        for t in done:
+            if t not in keep:
+                per[t]["model"] = per[t]["float_src"] = None
+
+    def _run(self) -> Plan:
         from outlierkit.llm.methods.spike_mp import linear_input_spikes
         from outlierkit.llm.models import resolve
 
@@ -336,15 +368,11 @@ class Planner:
             per_transform[t] = {"model": tm, "sqnr": sqnr, "ranked": ranked, "touched": touched,
                                 "rounding": rounding, "sqnr_rtn": sqnr_rtn, "float_src": float_src}
             per_transform[t]["best"] = self._search(t, tm, units, params, float_src)
+            self._release(per_transform, self.transforms[self.transforms.index(t) + 1:])
         candidates = [t for t in self.transforms if t in per_transform]
         if not candidates:
             raise ConfigError("; ".join(self.notes) + " (no other candidate transform was given)")
-        # choose: fewest kept layers meeting the target, then the lowest loss, then the cheaper transform
-        def key(t: str) -> tuple[int, int, float, int]:
-            b: Probe = per_transform[t]["best"]
-            return (0 if self.meets(b.loss) else 1, len(b.kept), b.loss, self.transforms.index(t))
-
-        best_t = min(candidates, key=key)
+        best_t = min(candidates, key=lambda t: self._key(per_transform, t))
         best: Probe = per_transform[best_t]["best"]
         # Verify the written recipe end to end (the transform now sees the skip overrides too; GPTQ's Hessians
         # now see the kept float layers, so its weights can differ slightly from the searched ones).
@@ -354,7 +382,7 @@ class Planner:
         m = copy.deepcopy(self.model)
         check = copy.deepcopy(recipe)
         check.calib = CalibConfig(min_tokens=1)  # the search already ran on these batches
-        rep = quantize_(m, check, self.calib, baseline=False)
+        rep = quantize_(m, check, self.calib, baseline=False, sequential=self.sequential, device=self.device)
         final_metrics = measure(m, self.tokenizer, self.ev, self.metric)
         final_loss = quality_loss(final_metrics, self.ref, self.metric)
         del m
@@ -408,10 +436,8 @@ class Planner:
         steps = self._steps[t]
         if not steps:
             return set()
-        from outlierkit.llm.methods import QuantContext
-
         before = {n: _weight(tm, n).detach().clone() for n in names}
-        ctx = QuantContext(self.calib, self.weight, self.act)
+        ctx = self._ctx()
         records = [r for i, st in enumerate(steps) for r in st.build(f"plan.{t}[{i}]").apply(tm, ctx)]
         if t == "rotate" and any(r.info.get("applied") is False for r in records):
             # shown once, as a report warning (console and report.json)
@@ -428,13 +454,12 @@ class Planner:
         Returns the float model holding the chosen GPTQ weights (they lie on the weight grid, so the probes'
         RTN pass leaves them unchanged), the choice per layer and GPTQ's layer SQNRs.
         """
-        from outlierkit.llm.methods import QuantContext
         from outlierkit.llm.methods.base import float_module, out_weight
         from outlierkit.llm.methods.gptq import GPTQ
 
         log(f"plan: {t}: GPTQ on every layer, per-layer SQNR against RTN")
         gm = copy.deepcopy(tm)
-        GPTQ().apply(gm, QuantContext(self.calib, self.weight, self.act))
+        GPTQ().apply(gm, self._ctx())
         sqnr_g = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(gm, self.calib).items()}
         out = copy.deepcopy(tm)
         rounding: dict[str, str] = {}

@@ -29,6 +29,7 @@ from outlierkit._utils.log import log, progress
 from outlierkit.errors import ConfigError, DataError
 from outlierkit.llm.corpus import Batch, TokenCorpus
 from outlierkit.llm.models import ModelMap, get_attr, has_attr, is_fused_experts, is_linear
+from outlierkit.llm.sequential import forward_each, layerwise_device
 from outlierkit.llm.stats import (
     Chunk,
     Int8Check,
@@ -586,12 +587,16 @@ class ProfileOptions:
         level: ``basic|default|full`` (default ``default``).
         kinds: only sites of these kinds (any level's kinds, e.g. ``("linear_in",)``); None: the level's.
         batch_size: samples per forward (8).
-        hist_stride: the histogram (quantiles), kurtosis and mean|x| use every ``hist_stride``-th valid
-            token; everything else uses all tokens. ``None``: 8 at basic/default, 1 (exact) at full.
+        hist_stride: the histogram (quantiles), kurtosis, mean|x| and the INT8 check's errors use every
+            ``hist_stride``-th valid token (chosen by sample and position); everything else, the INT8
+            thresholds' calibration maxima included, uses all tokens. ``None``: 8 at basic/default, 1 (exact) at full.
         massive_abs, massive_ratio: the massive-activation test (100, 1000).
         calib_fraction: share of samples that calibrates the INT8 thresholds; the rest evaluates them
             (1/3; 0 disables the check).
         checkpoint_every: save statistics every N batches (0: never).
+        layerwise_batches: when the model runs layer by layer (:func:`outlierkit.llm.sequential.layerwise`,
+            ``outlierkit profile --sequential``), how many batches share one pass through the layers (16):
+            their layer inputs wait in host memory, and every layer moves to the device once per group.
     """
 
     level: str = "default"
@@ -602,6 +607,7 @@ class ProfileOptions:
     massive_ratio: float = 1000.0
     calib_fraction: float = 1 / 3
     checkpoint_every: int = 0
+    layerwise_batches: int = 16
 
 
 def int8_thresholds(stats: dict[str, SiteStats]) -> dict[str, dict[str, float]]:
@@ -717,8 +723,8 @@ def profile_model(
     initialized process group the INT8 thresholds are calibrated from all ranks' calibration statistics.
     """
     opt = options or ProfileOptions()
-    if opt.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
+    if opt.batch_size < 1 or opt.layerwise_batches < 1:
+        raise ConfigError("--batch-size and layerwise_batches must be at least 1")
     if not 0 <= opt.calib_fraction < 1:
         raise ConfigError("calib_fraction must be in [0, 1)")
     sites = discover_sites(model, mm, opt.level, opt.kinds)
@@ -782,21 +788,50 @@ def profile_model(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # Inside `layerwise` (sequential profiling of a model larger than the device) batches run in groups,
+    # layer-major: every batch of a group through layer 0, then layer 1, ...; each keeps its own token index
+    # until the group ends. Groups never span the calibration / evaluation boundary or a checkpoint.
+    seq = layerwise_device(model) is not None
+    group = opt.layerwise_batches if seq else 1
     try:
         with HookSet() as hooks:
             collector.attach(hooks)
-            for k in progress(range(start, len(mine)), total=len(mine) - start, description=f"profiling {name}"):
-                split, batch = plan[mine[k]]
-                if split == "eval" and calibrate:
+            spans: list[tuple[int, int]] = []  # [k, end) of `mine`, one forward (group) each
+            k = start
+            while k < len(mine):
+                end = k + 1
+                while (end < len(mine) and end - k < group and plan[mine[end]][0] == plan[mine[k]][0]
+                       and not (ckpt is not None and opt.checkpoint_every and end % opt.checkpoint_every == 0)):
+                    end += 1
+                spans.append((k, end))
+                k = end
+            for k, end in progress(spans, description=f"profiling {name}" + (" (batch groups)" if seq else "")):
+                if plan[mine[k]][0] == "eval" and calibrate:
                     calibrate_now()
                     calibrate = False
-                collector.begin_batch(batch, device)
-                runner(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-                assert collector.index is not None
-                prof.tokens += collector.index.n
-                collector.end_batch()
-                prof.batches_done = k + 1
-                if ckpt is not None and opt.checkpoint_every and (k + 1) % opt.checkpoint_every == 0:
+                batches = [plan[mine[i]][1] for i in range(k, end)]
+                if not seq:
+                    collector.begin_batch(batches[0], device)
+                    runner(input_ids=batches[0].input_ids.to(device),
+                           attention_mask=batches[0].attention_mask.to(device))
+                    indexes = [collector.index]
+                else:
+                    indexes = []
+                    for b in batches:
+                        collector.begin_batch(b, device)
+                        indexes.append(collector.index)
+
+                    def use_index(j: int, _b: Any, ix: list[BatchIndex | None] = indexes) -> None:
+                        collector.index = ix[j]
+
+                    forward_each(model, batches, module=runner, before=use_index)
+                for idx in indexes:
+                    assert idx is not None
+                    collector.index = idx
+                    prof.tokens += idx.n
+                    collector.end_batch()
+                k = prof.batches_done = end
+                if ckpt is not None and opt.checkpoint_every and k % opt.checkpoint_every == 0:
                     collector.flush()
                     prof.massive_tokens = collector.massive_tokens
                     prof.save(ckpt)

@@ -323,15 +323,19 @@ def _dataset_batches(ds: Any, cfg: CalibConfig, tokenizer: Any, model: nn.Module
 
 @torch.no_grad()
 def model_outputs(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
-    """Main output (logits or last hidden state) per batch, on CPU."""
+    """Main output (logits or last hidden state) per batch, on CPU (layer by layer inside
+    :func:`~outlierkit.llm.sequential.layerwise`)."""
     from outlierkit._utils.hooks import first_tensor
+    from outlierkit.llm.sequential import forward_each
 
-    device = next(model.parameters()).device
-    outs = []
-    for b in batches:
-        y = first_tensor(model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)))
+    outs: list[torch.Tensor] = []
+
+    def keep(j: int, out: Any) -> None:
+        y = first_tensor(out)
         assert y is not None
         outs.append(y.float().cpu())
+
+    forward_each(model, batches, keep)
     return outs
 
 
@@ -371,17 +375,21 @@ def model_output_sqnr(model: nn.Module, ref: list[torch.Tensor], batches: list[B
     """Output SQNR of ``model`` against stored reference outputs, batch by batch (the model's outputs are never
     all held at once); also whether the model produced NaN/Inf where the reference is finite."""
     from outlierkit._utils.hooks import first_tensor
+    from outlierkit.llm.sequential import forward_each
 
-    device = next(model.parameters()).device
-    sig = noise = 0.0
-    new_nonfinite = False
-    for r, b in zip(ref, batches, strict=True):
-        y = first_tensor(model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)))
+    if len(ref) != len(batches):
+        raise ValueError(f"{len(ref)} reference outputs for {len(batches)} batches")
+    acc = {"sig": 0.0, "noise": 0.0, "new_nonfinite": False}
+
+    def add(j: int, out: Any) -> None:
+        y = first_tensor(out)
         assert y is not None
-        s_, n_, ref_ok, test_ok = _sqnr_sums(r, y.float().cpu(), b.attention_mask)
-        sig, noise = sig + s_, noise + n_
-        new_nonfinite |= ref_ok and not test_ok
-    return _db(sig, noise), new_nonfinite
+        s_, n_, ref_ok, test_ok = _sqnr_sums(ref[j], y.float().cpu(), batches[j].attention_mask)
+        acc["sig"], acc["noise"] = acc["sig"] + s_, acc["noise"] + n_
+        acc["new_nonfinite"] = bool(acc["new_nonfinite"]) or (ref_ok and not test_ok)
+
+    forward_each(model, batches, add)
+    return _db(acc["sig"], acc["noise"]), bool(acc["new_nonfinite"])
 
 
 @torch.no_grad()
@@ -429,10 +437,10 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: Ca
         calib: text (a string, a list of strings, a ``datasets.Dataset``), a TokenCorpus or prepared
             batches (see :func:`calib_batches`).
         tokenizer: tokenizes text calibration data (default: the one saved next to the model).
-        sequential: calibrate the transforms and GPTQ one decoder layer at a time
-            (``outlierkit.llm.sequential``): the model may stay on the CPU while each layer and its activations
-            move to ``device`` in turn (models larger than the device).
-        device: where sequential calibration computes (default: the model's device).
+        sequential: run every pass (calibration, transforms, GPTQ, range observers and the report's SQNR
+            passes) one decoder layer at a time (``outlierkit.llm.sequential``): the model may stay on the CPU
+            while each layer and its activations move to ``device`` in turn (models larger than the device).
+        device: where sequential passes compute (default: the model's device).
         eval_batches: batches for the SQNR measurements (default: the calibration batches).
         baseline: also measure plain RTN with the same formats before the transforms ("before").
         target: ``transformers``, ``vllm`` or ``outlierkit``: put the formats on that target's grid
@@ -440,9 +448,20 @@ def quantize_(model: nn.Module, recipe: Recipe | str | dict[str, Any], calib: Ca
 
     Afterwards ``model.save_pretrained(dir)`` writes what ``outlierkit quantize`` writes (never wrapper keys).
     """
+    from outlierkit.llm.sequential import layerwise
+
     recipe = load_recipe(recipe)
     if target is not None:
         recipe = for_target(recipe, target)
+    if sequential and device is None:
+        device = str(next(model.parameters()).device)
+    with layerwise(model, device if sequential else None):
+        return _quantize(model, recipe, calib, eval_batches=eval_batches, baseline=baseline, tokenizer=tokenizer,
+                         sequential=sequential, device=device)
+
+
+def _quantize(model: nn.Module, recipe: Recipe, calib: CalibData, *, eval_batches: list[Batch] | None,
+              baseline: bool, tokenizer: Any, sequential: bool, device: str | None) -> Report:
     methods = recipe.methods()
     batches = calib_batches(calib, recipe, tokenizer=tokenizer, model=model)
     ev = eval_batches or batches

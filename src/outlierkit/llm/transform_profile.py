@@ -84,15 +84,14 @@ def linear_input_stats(model: nn.Module, batches: list[Batch]) -> dict[str, Inpu
                 stats.setdefault(name, InputStats()).update(flat)
         return fn
 
-    device = next(model.parameters()).device
+    from outlierkit.llm.sequential import forward_each
+
     with HookSet() as hooks:
         for fqn in dict.fromkeys(unwrapped_fqn(f) for f in mm.linears):  # a wrapper's .inner is the same site
             mod = get_attr(model, fqn)
             if is_linear(mod) or isinstance(mod, QuantLinear) and mod.kind != "experts":
                 hooks.forward_pre(mod, grab(fqn))
-        for b in batches:
-            current["mask"] = b.attention_mask
-            model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+        forward_each(model, batches, before=lambda j, b: current.__setitem__("mask", b.attention_mask))
     return stats
 
 

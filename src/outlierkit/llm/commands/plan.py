@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="transformers", choices=("transformers", "vllm", "outlierkit"),
                         help="who loads the result (default transformers); vllm: formats vLLM serves only, and "
                              "q/k/v and gate/up decided together (one fused layer in vLLM)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="models larger than the device: keep the model and its copies in CPU memory and run "
+                             "every forward one decoder layer at a time on --device")
     parser.add_argument("--out", default="runs/plan", help="output directory (default: runs/plan)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
@@ -70,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
                               + " (e.g. --act int8-token or --act int8-tensor-static)")
     check_output(args.out, force=args.force)
     seed_everything(args.seed)
-    lm = load_model(args.model)
+    from outlierkit._utils.device import resolve_device
+
+    compute = str(resolve_device(args.device))
+    lm = load_model(args.model, device="cpu" if args.sequential else compute)
     calib_docs, held_docs = split_documents(load_documents(args.data))
     calib = build_corpus(lm.tokenizer, calib_docs, samples=args.calib_samples, seq_len=args.seq_len,
                          seed=args.seed, max_length=lm.max_length)
@@ -81,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     cc = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     planner = Planner(lm.model, lm.tokenizer, calib.batches(args.batch_size), ev, weight=weight, act=act,
                       target=target, transforms=args.transforms, metric=args.metric, calib_config=cc,
-                      name=f"plan-{lm.name}", profile=args.profile, fused=args.target == "vllm")
+                      name=f"plan-{lm.name}", profile=args.profile, fused=args.target == "vllm",
+                      sequential=args.sequential, device=compute if args.sequential else None)
     log(f"{lm.name}: planning for {target.label()} ({planner.metric}) over {', '.join(args.transforms)}")
     plan = planner.run()
     report = plan_report(plan, target, {k: v for k, v in vars(args).items() if k != "func"})
@@ -96,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
             check = copy.deepcopy(plan.recipe)
             check.calib = CalibConfig(min_tokens=1)  # the data the plan was verified on
-            quantize_(lm.model, check, calib.batches(args.batch_size), baseline=False)
+            quantize_(lm.model, check, calib.batches(args.batch_size), baseline=False, sequential=args.sequential,
+                      device=compute if args.sequential else None)
             fmt = save_quantized(lm.model, lm.tokenizer, stage / "model", recipe_yaml=plan.recipe.to_yaml(),
                                  target=args.target)
             report.artifacts["model"] = "model/"

@@ -27,11 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="basic: layer outputs; default: + router, experts, SwiGLU gate/product; "
                              "full: + every linear's input and output")
     parser.add_argument("--hist-stride", type=positive_int, default=None,
-                        help="histogram quantiles, kurtosis and mean|x| use one token in N (default 8; 1 = exact, "
-                             "the default at --level full); maxima, locations and moments use every token")
+                        help="histogram quantiles, kurtosis, mean|x| and the INT8 check's errors use one token in N "
+                             "(default 8; 1 = exact, the default at --level full); maxima, locations, moments and "
+                             "the INT8 thresholds use every token")
     parser.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16, auto")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--device-map", default=None, help="accelerate device map for models larger than a device")
+    parser.add_argument("--sequential", action="store_true",
+                        help="models larger than the device, without a device map: keep the weights in CPU memory "
+                             "and run one decoder layer at a time on --device (16 batches per pass)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model dir")
     parser.add_argument("--out", default="runs/profile", help="output directory (default: runs/profile)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -228,7 +232,17 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     from outlierkit.llm.models import load_model
     from outlierkit.llm.profile import ActivationProfile, checkpoint_path, merge_distributed, profile_model
     from outlierkit.llm.profile_report import build_profile_report, summary_row
+    from outlierkit.llm.sequential import layerwise
 
+    compute = None
+    sequential = bool(getattr(args, "sequential", False))  # demo builds its own namespace
+    if sequential:
+        from outlierkit._utils.device import resolve_device
+        from outlierkit.errors import ConfigError
+
+        if args.device_map:
+            raise ConfigError("--sequential and --device-map are two ways to fit a large model: give one")
+        compute = str(resolve_device(args.device))
     seed_everything(args.seed)
     docs = load_documents(args.data, text_field=args.text_field)
     profiles: list[ActivationProfile] = []
@@ -238,8 +252,8 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
         loading = log_stage(f"loading {source} ({k + 1}/{len(args.models)})")
         with loading, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loaded = load_model(source, dtype=args.dtype, device=args.device, device_map=args.device_map,
-                                trust_remote_code=args.trust_remote_code)
+            loaded = load_model(source, dtype=args.dtype, device="cpu" if sequential else args.device,
+                                device_map=args.device_map, trust_remote_code=args.trust_remote_code)
         for w in caught:  # outlierkit's own (fp16, generic fallback): on the console now and in the report
             if "outlierkit" in str(w.filename) or "architecture" in str(w.message) or "fp16" in str(w.message):
                 notes.append(f"{loaded.name}: {w.message}")
@@ -258,8 +272,9 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
             # profile_model names one checkpoint per rank (checkpoint_path); no dots: with_suffix adds .json
             world = shard[1]
             ckpt = None if work is None else work / f"checkpoint-{k}"
-            prof = profile_model(loaded.model, loaded.map, corpus, opts, name=name, checkpoint=ckpt,
-                                 resume=args.resume, shard=shard)
+            with layerwise(loaded.model, compute):
+                prof = profile_model(loaded.model, loaded.map, corpus, opts, name=name, checkpoint=ckpt,
+                                     resume=args.resume, shard=shard)
             prof = merge_distributed(prof)
             if done is not None and stage is not None:  # rank 0: every rank holds the merged profile
                 prof.save(done)

@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "grid; outlierkit's format for what it cannot express), vllm (compressed-tensors that "
                              "vLLM serves, refused otherwise) or outlierkit (its own format)")
     parser.add_argument("--sequential", action="store_true",
-                        help="models larger than the device: keep the model in CPU memory and calibrate one decoder "
-                             "layer at a time on --device (transforms, GPTQ); the report's SQNR passes still run "
-                             "the whole model on the CPU")
+                        help="models larger than the device: keep the model in CPU memory and run every pass "
+                             "(transforms, GPTQ, range observers, the report's SQNR passes) one decoder layer at a "
+                             "time on --device")
     add_calib_arguments(parser)
 
 

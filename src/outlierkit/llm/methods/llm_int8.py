@@ -88,9 +88,10 @@ class LLMInt8(QuantMethod):
         if ctx.batches and converted:
             hooks = [q.register_forward_hook(lambda m, i, o: seen.__setitem__(
                 m.name, max(seen[m.name], m.last_outlier_columns))) for q in converted]
+            from outlierkit.llm.sequential import forward_each
+
             try:
-                for b in ctx.batches:
-                    model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+                forward_each(model, ctx.batches)
             finally:
                 for h in hooks:
                     h.remove()

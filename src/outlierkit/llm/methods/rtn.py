@@ -58,10 +58,10 @@ class RTN(QuantMethod):
                 raise DataError("static activation ranges need calibration batches")
             for q in need:
                 q.observing = True
-            device = next(model.parameters()).device
+            from outlierkit.llm.sequential import forward_each
+
             try:
-                for b in ctx.batches:
-                    model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+                forward_each(model, ctx.batches)
             finally:
                 for q in need:
                     if q._observers:
