@@ -230,7 +230,7 @@ def test_nan_and_inf_are_reported_with_location(corpus):
 def test_int8_check_matches_direct_computation(corpus):
     model = tiny_model("llama")
     mm = resolve(model)
-    prof = profile_model(model, mm, corpus, ProfileOptions(batch_size=4, calib_fraction=0.4))
+    prof = profile_model(model, mm, corpus, ProfileOptions(batch_size=4, calib_fraction=0.4, hist_stride=1))
     n_cal = int(len(corpus) * 0.4)
     cal = profile_model(model, mm, corpus.subset(range(n_cal)), ProfileOptions(batch_size=4, calib_fraction=0.0))
     site = [s for s in prof.sites if s.name == "layer_1.residual"][0]
@@ -246,6 +246,18 @@ def test_int8_check_matches_direct_computation(corpus):
     assert chk.clip_rate == pytest.approx(float((x.abs() > t).float().mean()))
     # the percentile threshold clips more and, on a planted spike, loses badly
     assert prof.int8[site.name]["p99.9"].clip_rate > chk.clip_rate
+    # default stride: same thresholds (calibrated on every token), errors over one token in 8 of the
+    # evaluation split, equal to the direct computation over exactly those tokens
+    sub = profile_model(model, mm, corpus, ProfileOptions(batch_size=4, calib_fraction=0.4))
+    chk8 = sub.int8[site.name]["absmax"]
+    assert chk8.threshold == chk.threshold
+    ev = corpus.subset(range(n_cal, len(corpus)))
+    keep = [(s * 7919 + p) % 8 == 0 for s in range(n_cal, len(corpus)) for p in range(len(ev.samples[s - n_cal]))]
+    xs = x[torch.tensor(keep)]
+    assert 0 < chk8.count == xs.numel() < chk.count
+    xq = torch.clamp(torch.round(torch.clamp(xs, -t, t) / s), -127, 127) * s
+    ref8 = 10 * math.log10(float((xs.double() ** 2).sum() / ((xq - xs).double() ** 2).sum()))
+    assert chk8.sqnr_db == pytest.approx(ref8, rel=1e-4)
 
 
 def test_hooks_removed_when_forward_fails(corpus):

@@ -504,40 +504,14 @@ class SiteAccumulator:
         del cand  # temporaries are released as soon as they are used: the peak stays within the budget
         if self.per_token:
             self._massive(xs, tmax, fin, rows, info, chunk, massive_abs, massive_ratio)
-        # INT8 reconstruction error per threshold T (fused into this pass):
-        # err = round(clamp(x, -T, T) / s) * s - x with s = T / 127 (the outer clamp of the reference formula
-        # is a no-op since |clamp(x) / s| <= 127)
-        if self.thresholds:
-            # |x| once for every threshold: sum |x| (abs + sum: linalg.vector_norm(ord=1) is about 4x slower
-            # on CPU) and the clip counts
-            a = xs.abs()
-            sabs = a.sum()
-            i8 = []
-            fin_rows = n_fin.float()  # exact: at most the chunk's rows
-            for t in self.thresholds:
-                if not t > 0:
-                    i8.append(torch.zeros(len(_I8_FIELDS), dtype=torch.float64, device=xs.device))
-                    continue
-                s = t / 127.0
-                cl = xs.clamp(-t, t)
-                err = cl.div_(s).round_().mul_(s).sub_(xs).reshape(-1)
-                se2 = err @ err
-                sae = err.abs_().sum()
-                del err
-                # |x| > T as 0/1 floats into the free buffer, counted per row by a matrix-vector product
-                # (exact: at most C per row) and summed in float64: about 5x faster on CPU than a bool
-                # comparison and its sum
-                clipped = (torch.gt(a, t, out=cl) @ self._ones).sum(dtype=torch.float64)
-                del cl
-                i8.append(torch.cat([torch.stack([fin_rows, s2, se2, sabs, sae]).double(), clipped.reshape(1)]))
-            del a
-            self.int8 += torch.stack(i8) * self._i8_scale  # count: rows x C
-        # distribution statistics over the token subsample: histogram of |x| on the float32 bit pattern,
-        # power sums for kurtosis, mean |x|
+        # distribution statistics over the token subsample: the INT8 reconstruction error, histogram of |x|
+        # on the float32 bit pattern, power sums for kurtosis, mean |x|
         if chunk.keep is None:
             sub, fsub = xs, fin
         else:
             sub, fsub = xs.index_select(0, chunk.keep), fin.index_select(0, chunk.keep)
+        if self.thresholds:
+            self._int8(sub, fsub)
         bins = (sub.view(torch.int32) & 0x7FFFFFFF).bitwise_right_shift_(HIST_SHIFT).reshape(-1)  # (n_sub*C,)
         self.hist.index_add_(0, bins, self._one.expand(bins.numel()))
         del bins
@@ -559,6 +533,38 @@ class SiteAccumulator:
         v = torch.stack([n_fin.float(), s1, s2, drows.float(), sflat.sum(), sflat @ sflat, d3, d4,
                          sflat.abs().sum(), mass.float(), nbad.float()]).double()
         self.sums += v * (self._scale * torch.exp2(e * self._pow))
+
+    def _int8(self, xs: torch.Tensor, fin: torch.Tensor) -> None:
+        """INT8 reconstruction error per threshold T, over the rows ``xs`` (the distribution subsample:
+        every ``hist_stride``-th token; non-finite rows are zeros and not counted):
+        err = round(clamp(x, -T, T) / s) * s - x with s = T / 127 (the outer clamp of the reference formula
+        is a no-op since |clamp(x) / s| <= 127)."""
+        # |x| once for every threshold: sum |x| (abs + sum: linalg.vector_norm(ord=1) is about 4x slower
+        # on CPU) and the clip counts
+        a = xs.abs()
+        sabs = a.sum()
+        flat = xs.reshape(-1)
+        sx2 = flat @ flat
+        i8 = []
+        fin_rows = fin.sum().float()  # exact: at most the chunk's rows
+        for t in self.thresholds:
+            if not t > 0:
+                i8.append(torch.zeros(len(_I8_FIELDS), dtype=torch.float64, device=xs.device))
+                continue
+            s = t / 127.0
+            cl = xs.clamp(-t, t)
+            err = cl.div_(s).round_().mul_(s).sub_(xs).reshape(-1)
+            se2 = err @ err
+            sae = err.abs_().sum()
+            del err
+            # |x| > T as 0/1 floats into the free buffer, counted per row by a matrix-vector product
+            # (exact: at most C per row) and summed in float64: about 5x faster on CPU than a bool
+            # comparison and its sum
+            clipped = (torch.gt(a, t, out=cl) @ self._ones).sum(dtype=torch.float64)
+            del cl
+            i8.append(torch.cat([torch.stack([fin_rows, sx2, se2, sabs, sae]).double(), clipped.reshape(1)]))
+        del a
+        self.int8 += torch.stack(i8) * self._i8_scale  # count: rows x C
 
     def _massive(self, xs: torch.Tensor, tmax: torch.Tensor, fin: torch.Tensor, top_rows: torch.Tensor,
                  info: torch.Tensor, chunk: Chunk, massive_abs: float, massive_ratio: float) -> None:
