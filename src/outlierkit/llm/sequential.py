@@ -91,8 +91,9 @@ def check_sequential(model: nn.Module, mm: ModelMap) -> None:
     inputs captured at layer 0: refuse rather than calibrate with the wrong mask."""
     types = getattr(getattr(model, "config", None), "layer_types", None)
     if types and len(set(types)) > 1:
-        raise ConfigError(f"sequential calibration: {mm.model_type} alternates layer types {sorted(set(types))} "
-                          "with different attention masks; calibrate all at once (sequential: false)")
+        raise ConfigError(f"sequential execution: {mm.model_type} alternates layer types {sorted(set(types))} "
+                          "with different attention masks; run it all at once (without --sequential / "
+                          "sequential: false)")
 
 
 class LayerwiseRunner:
@@ -158,7 +159,8 @@ class LayerwiseRunner:
             watch.remove()
         self._before_layers = list(ran.values())
         if len(self.cached) != len(self.batches):
-            raise ConfigError("sequential calibration could not capture the inputs of the first decoder layer")
+            raise ConfigError("sequential execution could not capture the inputs of the first decoder layer; run the "
+                              "model all at once (without --sequential)")
 
     @torch.no_grad()
     def run(self, i: int, *, advance: bool = True,
