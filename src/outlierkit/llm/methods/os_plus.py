@@ -405,7 +405,8 @@ class OSPlus(QuantMethod):
             around the best; kept for comparison: the loss is not smooth enough for it to find the optimum).
         chunk: candidates evaluated in one batched call (default 0 = 1 on CPU, where batching measured
             slower, and a memory budget on GPU).
-        device: where the search runs (default: the model's device).
+        device: where the search runs (default: the model's device; in sequential mode the compute device,
+            so that a model kept in CPU memory still searches on the accelerator).
         weight / act: formats assumed in the loss (default: the recipe's).
 
     Shapes:
@@ -453,8 +454,9 @@ class OSPlus(QuantMethod):
                       if g.spec.role == "qkv" and has_attr(model, mm.fqn(g.layer, mm.spec.attn))}
         stats = collect_input_stats(model, sites, ctx.batches, cache=set(sites), cache_batches=n_batches,
                                     context_sites=attn_sites, sequential=ctx.sequential, device=ctx.device)
+        search_on = self.device or (str(ctx.device) if ctx.sequential and ctx.device is not None else None)
         for g in progress(groups, description="os_plus: scale search, fold group"):
-            records.append(self._fold_group(model, mm, g, stats[g.linears[0]], wfmt, afmt))
+            records.append(self._fold_group(model, mm, g, stats[g.linears[0]], wfmt, afmt, device=search_on))
         return records
 
     def _n_batches(self, ctx: QuantContext) -> int:
@@ -469,8 +471,9 @@ class OSPlus(QuantMethod):
 
     @torch.no_grad()
     def problem(self, model: nn.Module, mm: ModelMap, g: Group, st: ChannelStats, wfmt: Format | None,
-                afmt: Format | None) -> tuple[Problem, torch.Tensor | None]:
-        """Build the loss problem of group ``g`` (before folding); returns it and the shift z (R,)."""
+                afmt: Format | None, *, device: str | None = None) -> tuple[Problem, torch.Tensor | None]:
+        """Build the loss problem of group ``g`` (before folding); returns it and the shift z (R,).
+        ``device``: where the search runs (default: ``self.device``, else the model's device)."""
         shift = self.shift and g.spec.kind in ("norm", "attn_v") and can_shift(model, g)
         z = None
         if shift:
@@ -507,7 +510,8 @@ class OSPlus(QuantMethod):
             act_fn = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
             if act_fn is not None and (len(mods) == 1 or names[0].startswith("gate")):
                 role, attn = "swiglu", {"act_fn": act_fn}
-        dev = torch.device(self.device) if self.device else next(model.parameters()).device
+        where = device or self.device
+        dev = torch.device(where) if where else next(model.parameters()).device
         for key in ("q_norm", "k_norm"):
             if attn.get(key) is not None:
                 attn[key] = attn[key].to(dev)
@@ -536,8 +540,8 @@ class OSPlus(QuantMethod):
 
     @torch.no_grad()
     def _fold_group(self, model: nn.Module, mm: ModelMap, g: Group, st: ChannelStats, wfmt: Format | None,
-                    afmt: Format | None) -> LayerRecord:
-        p, z = self.problem(model, mm, g, st, wfmt, afmt)
+                    afmt: Format | None, *, device: str | None = None) -> LayerRecord:
+        p, z = self.problem(model, mm, g, st, wfmt, afmt, device=device)
         ts = candidates(p.c, self.floor, self.max_candidates)
         if self.search == "halving":
             best, losses = search_halving(p, ts, self._chunk(p))
