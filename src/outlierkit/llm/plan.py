@@ -47,6 +47,7 @@ from outlierkit.errors import ConfigError
 from outlierkit.llm.corpus import Batch
 from outlierkit.llm.evaluate import EvalData
 from outlierkit.llm.formats import Format
+from outlierkit.llm.layers import unwrap_
 from outlierkit.llm.recipe import CalibConfig, Recipe, Step, layer_sqnr, quantize_
 from outlierkit.llm.sequential import layerwise
 
@@ -277,12 +278,21 @@ class Planner:
 
     def _evaluate(self, transformed: nn.Module, transform: str, kept: Sequence[str],
                   params: dict[str, int], float_src: nn.Module | None = None) -> Probe:
-        m = copy.deepcopy(transformed)
+        """Quantize ``transformed`` in place (fake-quant wrappers; the kept layers' float weights swapped in
+        when GPTQ's are there), measure, and put everything back: no copy of the model per probe (a 70B
+        model's copy is 140 GB and minutes of memcpy)."""
+        saved: dict[str, torch.Tensor] = {}
         if float_src is not None:  # kept layers are float: undo GPTQ's weights there
             for n in kept:
-                _weight(m, n).copy_(_weight(float_src, n))
-        self._rtn(m, kept)
-        metrics = measure(m, self.tokenizer, self.ev, self.metric)
+                saved[n] = _weight(transformed, n).detach().clone()
+                _weight(transformed, n).copy_(_weight(float_src, n))
+        try:
+            self._rtn(transformed, kept)
+            metrics = measure(transformed, self.tokenizer, self.ev, self.metric)
+        finally:
+            unwrap_(transformed)
+            for n, w in saved.items():
+                _weight(transformed, n).copy_(w)
         p = Probe(transform, list(kept), quality_loss(metrics, self.ref, self.metric), metrics,
                   _bits(self.fmt_bits, params, kept))
         self.probes.append(p)
@@ -358,10 +368,11 @@ class Planner:
                 tm, rounding, sqnr_gptq = self._gptq(tm, names, t, sqnr_rtn)
                 sqnr = {n: max(v, sqnr_gptq.get(n, -math.inf)) for n, v in sqnr_rtn.items()}
             else:
-                probe_m = copy.deepcopy(tm)
-                self._rtn(probe_m, [])
-                sqnr = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(probe_m, self.calib).items()}
-                del probe_m
+                self._rtn(tm, [])  # wrapped in place and unwrapped after: the weights are not touched
+                try:
+                    sqnr = {n: float(v["sqnr_db"]) for n, v in layer_sqnr(tm, self.calib).items()}
+                finally:
+                    unwrap_(tm)
             units = self._units(names)
             units.sort(key=lambda u: (min(sqnr.get(n, math.inf) for n in u), -max(spikes[n].ratio for n in u)))
             ranked = [n for u in units for n in u]
