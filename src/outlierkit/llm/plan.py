@@ -344,7 +344,11 @@ class Planner:
         params = {n: int(_weight(self.model, n).numel()) for n in names}
         per_transform: dict[str, dict[str, Any]] = {}
         refused: set[str] = set()
-        for t in self.transforms:
+        # each `+gptq` candidate right after its base, so that a base's transformed copy can be released
+        # before the next transform makes another (the choice below uses the order of self.transforms)
+        order = [c for t in self.transforms if not _split(t)[1] for c in (t, f"{t}+{ROUNDING}")
+                 if c in self.transforms]
+        for k, t in enumerate(order):
             base, gptq = _split(t)
             if base in refused:
                 continue
@@ -379,7 +383,7 @@ class Planner:
             per_transform[t] = {"model": tm, "sqnr": sqnr, "ranked": ranked, "touched": touched,
                                 "rounding": rounding, "sqnr_rtn": sqnr_rtn, "float_src": float_src}
             per_transform[t]["best"] = self._search(t, tm, units, params, float_src)
-            self._release(per_transform, self.transforms[self.transforms.index(t) + 1:])
+            self._release(per_transform, order[k + 1:])
         candidates = [t for t in self.transforms if t in per_transform]
         if not candidates:
             raise ConfigError("; ".join(self.notes) + " (no other candidate transform was given)")
