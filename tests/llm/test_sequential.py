@@ -187,3 +187,14 @@ def test_sequential_quantize_report_equals_all_at_once(batches):
     ra = {r["layer"]: r for r in a.tables["layer_sqnr"]}
     for r in b.tables["layer_sqnr"]:
         assert r["sqnr_db"] == pytest.approx(ra[r["layer"]]["sqnr_db"], rel=1e-5)
+
+
+def test_sequential_load_dtype_follows_the_compute_device():
+    """Sequential runs load on the CPU but compute on --device: the default dtype is the compute device's
+    (bf16 for a GPU), not the CPU's fp32 (twice the host memory and weight traffic); an explicit one wins."""
+    from outlierkit._utils.device import sequential_dtype
+
+    assert sequential_dtype(None, torch.device("cuda")) == "bf16"
+    assert sequential_dtype("auto", torch.device("cuda", 1)) == "bf16"
+    assert sequential_dtype(None, torch.device("cpu")) == "fp32"
+    assert sequential_dtype("fp32", torch.device("cuda")) == "fp32"

@@ -41,5 +41,14 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
         raise ConfigError(f"unknown dtype {name!r}; valid: {sorted(set(_DTYPES))}") from None
 
 
+def sequential_dtype(name: str | None, compute: torch.device) -> str | None:
+    """The dtype to load a model in for sequential execution: it is loaded on the CPU but computes on
+    ``compute``, so the default follows the compute device (bf16 for a GPU), not the CPU's fp32 (which
+    would double a 70B model's host memory and every weight transfer)."""
+    if name not in (None, "", "auto"):
+        return name
+    return "fp32" if compute.type == "cpu" else "bf16"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")

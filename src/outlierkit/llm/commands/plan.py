@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="who loads the result (default transformers); vllm: formats vLLM serves only, and "
                              "q/k/v and gate/up decided together (one fused layer in vLLM)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--dtype", default=None,
+                        help="fp32 (CPU default), bf16 (GPU default, also with --sequential on a GPU), fp16")
     parser.add_argument("--sequential", action="store_true",
                         help="models larger than the device: keep the model and its copies in CPU memory and run "
                              "every forward one decoder layer at a time on --device")
@@ -74,10 +76,13 @@ def run(args: argparse.Namespace) -> int:
                               + " (e.g. --act int8-token or --act int8-tensor-static)")
     check_output(args.out, force=args.force)
     seed_everything(args.seed)
-    from outlierkit._utils.device import resolve_device
+    import torch
+
+    from outlierkit._utils.device import resolve_device, sequential_dtype
 
     compute = str(resolve_device(args.device))
-    lm = load_model(args.model, device="cpu" if args.sequential else compute)
+    dtype = sequential_dtype(args.dtype, torch.device(compute)) if args.sequential else args.dtype
+    lm = load_model(args.model, dtype=dtype, device="cpu" if args.sequential else compute)
     calib_docs, held_docs = split_documents(load_documents(args.data))
     calib = build_corpus(lm.tokenizer, calib_docs, samples=args.calib_samples, seq_len=args.seq_len,
                          seed=args.seed, max_length=lm.max_length)

@@ -243,6 +243,13 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
         if args.device_map:
             raise ConfigError("--sequential and --device-map are two ways to fit a large model: give one")
         compute = str(resolve_device(args.device))
+    load_dtype = args.dtype
+    if compute is not None:
+        import torch
+
+        from outlierkit._utils.device import sequential_dtype
+
+        load_dtype = sequential_dtype(args.dtype, torch.device(compute))
     seed_everything(args.seed)
     docs = load_documents(args.data, text_field=args.text_field)
     profiles: list[ActivationProfile] = []
@@ -252,7 +259,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
         loading = log_stage(f"loading {source} ({k + 1}/{len(args.models)})")
         with loading, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loaded = load_model(source, dtype=args.dtype, device="cpu" if sequential else args.device,
+            loaded = load_model(source, dtype=load_dtype, device="cpu" if sequential else args.device,
                                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
         for w in caught:  # outlierkit's own (fp16, generic fallback): on the console now and in the report
             if "outlierkit" in str(w.filename) or "architecture" in str(w.message) or "fp16" in str(w.message):

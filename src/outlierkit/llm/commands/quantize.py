@@ -74,17 +74,22 @@ def run(args: argparse.Namespace) -> int:
     from outlierkit.llm.evaluate import calibration_half
 
     docs = calibration_half(load_documents(args.data))  # `eval` / `compare` evaluate on the other half
-    # --sequential: the weights stay in CPU memory; each layer visits --device only while it is calibrated
-    lm = load_model(args.model, dtype=args.dtype, device="cpu" if args.sequential else args.device)
+    # --sequential: the weights stay in CPU memory (in the compute device's default dtype); each layer visits
+    # --device only while it runs
+    compute = None
+    dtype = args.dtype
+    if args.sequential:
+        import torch
+
+        from outlierkit._utils.device import resolve_device, sequential_dtype
+
+        compute = str(resolve_device(args.device))
+        dtype = sequential_dtype(args.dtype, torch.device(compute))
+    lm = load_model(args.model, dtype=dtype, device="cpu" if args.sequential else args.device)
     corpus = build_corpus(lm.tokenizer, docs, samples=recipe.calib.samples, seq_len=recipe.calib.seq_len,
                           seed=recipe.calib.seed, max_length=lm.max_length)
     log(f"{lm.name}: recipe {recipe.name} ({' -> '.join(s.method for s in recipe.steps)}), "
         f"{len(corpus)} calibration samples, {corpus.n_tokens} tokens")
-    compute = None
-    if args.sequential:
-        from outlierkit._utils.device import resolve_device
-
-        compute = str(resolve_device(args.device))
     report = quantize_(lm.model, recipe, corpus, sequential=args.sequential, device=compute)
     report.config.update({"model": args.model, "data": args.data, "dtype": args.dtype,
                           "sequential": args.sequential})
