@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh            # writes its logs under $OUT (or ./gpu_check when OUT is unset)
 #
 # 1. the layer-wise tests with the weights in CPU memory and every layer moved to the GPU and back
-#    (OUTLIERKIT_TEST_DEVICE=cuda; on CPU the same tests run with the CPU as the compute device);
+#    (OUTLIERKIT_TEST_DEVICE=cuda; on CPU the same tests run with the CPU as the compute device), and the
+#    profiler's tests at scale, including the real split of a model over cpu and cuda (skipped on CPU);
 # 2. bench/scale.py on the GPU: bf16 layers at 7B and 70B widths, 2048 and 8192 tokens, 5 paired repeats
 #    (profiler overhead per level, peak extra memory per hook, host reads per batch) and the sampler step;
 # 3. bench/sequential.py --device cuda: layer-wise vs all-at-once with real host-to-device weight traffic.
@@ -28,8 +29,8 @@ py="${PYTHON:-python3}"
 print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
   | tee "$out/env.txt" || exit 1
 status=0
-OUTLIERKIT_TEST_DEVICE=cuda timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/llm/test_sequential.py \
-  2>&1 | tee "$out/tests.txt" || status=1
+OUTLIERKIT_TEST_DEVICE=cuda timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/llm/test_sequential.py \
+  tests/llm/test_profile_scale.py 2>&1 | tee "$out/tests.txt" || status=1
 timeout 240 "$py" bench/scale.py --repeats 5 2>&1 | tee "$out/scale.md" || status=1
 timeout 90 "$py" bench/sequential.py --device cuda --repeats 3 2>&1 | tee "$out/sequential.md" || status=1
 exit $status
