@@ -50,5 +50,15 @@ def sequential_dtype(name: str | None, compute: torch.device) -> str | None:
     return "fp32" if compute.type == "cpu" else "bf16"
 
 
+def placement(device: str | None, dtype: str | None, sequential: bool) -> tuple[str | None, str | None, str | None]:
+    """Where and how a command loads its model: ``(load device, load dtype, compute device)``. Sequential
+    runs load into CPU memory (in :func:`sequential_dtype`) and compute on ``device`` one layer at a time;
+    otherwise the model loads on ``device`` as given and the compute device is None (the model's own)."""
+    if not sequential:
+        return device, dtype, None
+    compute = resolve_device(device)
+    return "cpu", sequential_dtype(dtype, compute), str(compute)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")

@@ -810,21 +810,15 @@ def profile_model(
                     calibrate_now()
                     calibrate = False
                 batches = [plan[mine[i]][1] for i in range(k, end)]
-                if not seq:
-                    collector.begin_batch(batches[0], device)
-                    runner(input_ids=batches[0].input_ids.to(device),
-                           attention_mask=batches[0].attention_mask.to(device))
-                    indexes = [collector.index]
-                else:
-                    indexes = []
-                    for b in batches:
-                        collector.begin_batch(b, device)
-                        indexes.append(collector.index)
+                indexes = []
+                for b in batches:
+                    collector.begin_batch(b, device)
+                    indexes.append(collector.index)
 
-                    def use_index(j: int, _b: Any, ix: list[BatchIndex | None] = indexes) -> None:
-                        collector.index = ix[j]
+                def use_index(j: int, _b: Any, ix: list[BatchIndex | None] = indexes) -> None:
+                    collector.index = ix[j]
 
-                    forward_each(model, batches, module=runner, before=use_index)
+                forward_each(model, batches, module=runner, before=use_index)
                 for idx in indexes:
                     assert idx is not None
                     collector.index = idx

@@ -258,11 +258,6 @@ def layerwise_device(model: nn.Module) -> torch.device | None:
     return dev if isinstance(dev, torch.device) else None
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where inputs for ``model`` go: its sequential compute device, else its first parameter's device."""
-    return layerwise_device(model) or next(model.parameters()).device
-
-
 @torch.no_grad()
 def forward_each(model: nn.Module, inputs: Sequence[Item], consume: Callable[[int, Any], None] | None = None,
                  *, before: Callable[[int, Any], None] | None = None, module: nn.Module | None = None) -> None:

@@ -76,13 +76,10 @@ def run(args: argparse.Namespace) -> int:
                               + " (e.g. --act int8-token or --act int8-tensor-static)")
     check_output(args.out, force=args.force)
     seed_everything(args.seed)
-    import torch
+    from outlierkit._utils.device import placement
 
-    from outlierkit._utils.device import resolve_device, sequential_dtype
-
-    compute = str(resolve_device(args.device))
-    dtype = sequential_dtype(args.dtype, torch.device(compute)) if args.sequential else args.dtype
-    lm = load_model(args.model, dtype=dtype, device="cpu" if args.sequential else compute)
+    load_device, dtype, compute = placement(args.device, args.dtype, args.sequential)
+    lm = load_model(args.model, dtype=dtype, device=load_device)
     calib_docs, held_docs = split_documents(load_documents(args.data))
     calib = build_corpus(lm.tokenizer, calib_docs, samples=args.calib_samples, seq_len=args.seq_len,
                          seed=args.seed, max_length=lm.max_length)
@@ -94,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     planner = Planner(lm.model, lm.tokenizer, calib.batches(args.batch_size), ev, weight=weight, act=act,
                       target=target, transforms=args.transforms, metric=args.metric, calib_config=cc,
                       name=f"plan-{lm.name}", profile=args.profile, fused=args.target == "vllm",
-                      sequential=args.sequential, device=compute if args.sequential else None)
+                      sequential=args.sequential, device=compute)
     log(f"{lm.name}: planning for {target.label()} ({planner.metric}) over {', '.join(args.transforms)}")
     plan = planner.run()
     report = plan_report(plan, target, {k: v for k, v in vars(args).items() if k != "func"})
@@ -110,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             check = copy.deepcopy(plan.recipe)
             check.calib = CalibConfig(min_tokens=1)  # the data the plan was verified on
             quantize_(lm.model, check, calib.batches(args.batch_size), baseline=False, sequential=args.sequential,
-                      device=compute if args.sequential else None)
+                      device=compute)
             fmt = save_quantized(lm.model, lm.tokenizer, stage / "model", recipe_yaml=plan.recipe.to_yaml(),
                                  target=args.target)
             report.artifacts["model"] = "model/"

@@ -225,6 +225,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     import gc
     import warnings
 
+    from outlierkit._utils.device import placement
     from outlierkit._utils.log import log, warning
     from outlierkit._utils.log import stage as log_stage
     from outlierkit._utils.seed import seed_everything
@@ -234,22 +235,12 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
     from outlierkit.llm.profile_report import build_profile_report, summary_row
     from outlierkit.llm.sequential import layerwise
 
-    compute = None
     sequential = bool(getattr(args, "sequential", False))  # demo builds its own namespace
-    if sequential:
-        from outlierkit._utils.device import resolve_device
+    if sequential and args.device_map:
         from outlierkit.errors import ConfigError
 
-        if args.device_map:
-            raise ConfigError("--sequential and --device-map are two ways to fit a large model: give one")
-        compute = str(resolve_device(args.device))
-    load_dtype = args.dtype
-    if compute is not None:
-        import torch
-
-        from outlierkit._utils.device import sequential_dtype
-
-        load_dtype = sequential_dtype(args.dtype, torch.device(compute))
+        raise ConfigError("--sequential and --device-map are two ways to fit a large model: give one")
+    load_device, load_dtype, compute = placement(args.device, args.dtype, sequential)
     seed_everything(args.seed)
     docs = load_documents(args.data, text_field=args.text_field)
     profiles: list[ActivationProfile] = []
@@ -259,7 +250,7 @@ def run_profiles(args: argparse.Namespace, opts: Any, stage: Path | None, config
         loading = log_stage(f"loading {source} ({k + 1}/{len(args.models)})")
         with loading, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loaded = load_model(source, dtype=load_dtype, device="cpu" if sequential else args.device,
+            loaded = load_model(source, dtype=load_dtype, device=load_device,
                                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
         for w in caught:  # outlierkit's own (fp16, generic fallback): on the console now and in the report
             if "outlierkit" in str(w.filename) or "architecture" in str(w.message) or "fp16" in str(w.message):

@@ -74,18 +74,12 @@ def run(args: argparse.Namespace) -> int:
     from outlierkit.llm.evaluate import calibration_half
 
     docs = calibration_half(load_documents(args.data))  # `eval` / `compare` evaluate on the other half
+    from outlierkit._utils.device import placement
+
     # --sequential: the weights stay in CPU memory (in the compute device's default dtype); each layer visits
     # --device only while it runs
-    compute = None
-    dtype = args.dtype
-    if args.sequential:
-        import torch
-
-        from outlierkit._utils.device import resolve_device, sequential_dtype
-
-        compute = str(resolve_device(args.device))
-        dtype = sequential_dtype(args.dtype, torch.device(compute))
-    lm = load_model(args.model, dtype=dtype, device="cpu" if args.sequential else args.device)
+    load_device, dtype, compute = placement(args.device, args.dtype, args.sequential)
+    lm = load_model(args.model, dtype=dtype, device=load_device)
     corpus = build_corpus(lm.tokenizer, docs, samples=recipe.calib.samples, seq_len=recipe.calib.seq_len,
                           seed=recipe.calib.seed, max_length=lm.max_length)
     log(f"{lm.name}: recipe {recipe.name} ({' -> '.join(s.method for s in recipe.steps)}), "
