@@ -510,13 +510,13 @@ class SiteAccumulator:
             sub, fsub = xs, fin
         else:
             sub, fsub = xs.index_select(0, chunk.keep), fin.index_select(0, chunk.keep)
+        drows = fsub.sum()  # finite rows of the subsample (the others are zeros)
         if self.thresholds:
-            self._int8(sub, fsub)
+            self._int8(sub, drows)
         bins = (sub.view(torch.int32) & 0x7FFFFFFF).bitwise_right_shift_(HIST_SHIFT).reshape(-1)  # (n_sub*C,)
         self.hist.index_add_(0, bins, self._one.expand(bins.numel()))
         del bins
         # non-finite rows were filled with zeros: take their elements out of bin 0 again
-        drows = fsub.sum()
         self.hist[0] -= (sub.shape[0] - drows) * c
         # power sums in float32 on a power-of-two rescaled copy (exact scaling: x^4 cannot overflow), then
         # scaled back in float64
@@ -534,9 +534,9 @@ class SiteAccumulator:
                          sflat.abs().sum(), mass.float(), nbad.float()]).double()
         self.sums += v * (self._scale * torch.exp2(e * self._pow))
 
-    def _int8(self, xs: torch.Tensor, fin: torch.Tensor) -> None:
+    def _int8(self, xs: torch.Tensor, fin_rows: torch.Tensor) -> None:
         """INT8 reconstruction error per threshold T, over the rows ``xs`` (the distribution subsample:
-        every ``hist_stride``-th token; non-finite rows are zeros and not counted):
+        every ``hist_stride``-th token; its ``fin_rows`` finite rows count, the others are zeros):
         err = round(clamp(x, -T, T) / s) * s - x with s = T / 127 (the outer clamp of the reference formula
         is a no-op since |clamp(x) / s| <= 127)."""
         # |x| once for every threshold: sum |x| (abs + sum: linalg.vector_norm(ord=1) is about 4x slower
@@ -546,7 +546,7 @@ class SiteAccumulator:
         flat = xs.reshape(-1)
         sx2 = flat @ flat
         i8 = []
-        fin_rows = fin.sum().float()  # exact: at most the chunk's rows
+        rows = fin_rows.float()  # exact: at most the chunk's rows
         for t in self.thresholds:
             if not t > 0:
                 i8.append(torch.zeros(len(_I8_FIELDS), dtype=torch.float64, device=xs.device))
@@ -562,7 +562,7 @@ class SiteAccumulator:
             # comparison and its sum
             clipped = (torch.gt(a, t, out=cl) @ self._ones).sum(dtype=torch.float64)
             del cl
-            i8.append(torch.cat([torch.stack([fin_rows, sx2, se2, sabs, sae]).double(), clipped.reshape(1)]))
+            i8.append(torch.cat([torch.stack([rows, sx2, se2, sabs, sae]).double(), clipped.reshape(1)]))
         del a
         self.int8 += torch.stack(i8) * self._i8_scale  # count: rows x C
 
